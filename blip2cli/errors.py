@@ -1,0 +1,25 @@
+"""User-facing failures: one line, a fixed exit code, no traceback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class UsageError(Exception):
+    """A mistake the user can fix (bad flag, missing file, invalid recipe, unknown model). Exit code 2."""
+
+    exit_code = 2
+
+
+class InputError(Exception):
+    """One input (an image, a line of a file) could not be used; the rest still run. Exit code 1 at the end."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A per-item failure record, rendered as {"<kind>": path, "error": message}."""
+
+    path: str
+    error: str
