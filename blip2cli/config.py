@@ -29,6 +29,7 @@ class VisionConfig:
     `timm` is any timm ViT (e.g. `vit_large_patch14_clip_224.openai`) used as an alternative frozen tower."""
 
     kind: Literal["eva", "timm"] = "eva"
+    weights: str = ""  # where the frozen tower's weights come from: eva_vit_g.pth, or a HF BLIP-2 dir / hub id
     timm_name: str = ""  # timm model name when kind == "timm"
     timm_pretrained: bool = False  # let timm fetch its own weights (needs the hub) when kind == "timm"
     image_size: int = 224  # 224 for pretraining, 364 for COCO fine-tunes, 490 for VQA fine-tunes
@@ -102,6 +103,38 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    init: str = ""  # a checkpoint (anything --model accepts) whose matching weights initialise the model
+
+
+@dataclass
+class GenerationOptions:
+    """Decoding settings for captions and answers (spec §6). Lengths count new tokens only."""
+
+    num_beams: int = 5
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    do_sample: bool = False  # nucleus sampling with top_p/temperature instead of beam search
+    top_p: float = 0.9
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    num_return_sequences: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1:
+            raise UsageError(f"--num-beams: expected at least 1, got {self.num_beams}")
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens: expected at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise UsageError(f"--min-new-tokens: expected 0..{self.max_new_tokens}, got {self.min_new_tokens}")
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise UsageError(
+                f"--num-captions: {self.num_return_sequences} needs at least as many beams (got {self.num_beams})"
+            )
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p: expected a value in (0, 1], got {self.top_p}")
+        if self.temperature <= 0:
+            raise UsageError(f"--temperature: expected a positive value, got {self.temperature}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""The paper's benchmarks, scored exactly as the paper scored them.
+
+`caption` (pycocoevalcap scorers built explicitly), `vqa` (official VQAv2 rules, LAVIS mode, OK-VQA, GQA),
+`retrieval` (LAVIS two-stage ITC -> ITM protocol and recall@k), `datasets` (official file readers). This module
+holds what a model run shares: resumable per-item predictions and the files written to `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from blip2cli.errors import UsageError
+
+T = TypeVar("T")
+
+
+def run_resumable(
+    items: Sequence[T],
+    key: Callable[[T], Hashable],
+    key_field: str,
+    predict: Callable[[list[T]], list[dict[str, Any]]],
+    batch_size: int,
+    log: Path | None,
+    description: str,
+) -> dict[Hashable, dict[str, Any]]:
+    """Predict in batches, appending each record to `log` (JSONL) as it comes; records already there are reused."""
+    from blip2cli.render import progress
+
+    done = read_log(log, key_field) if log else {}
+    todo = [item for item in items if key(item) not in done]
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    fh = log.open("a", encoding="utf-8") if log else None
+    try:
+        for batch in progress(batches, len(batches), description):
+            for record in predict(batch):
+                done[record[key_field]] = record
+                if fh:
+                    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if fh:
+                fh.flush()
+    finally:
+        if fh:
+            fh.close()
+    return done
+
+
+def read_log(path: Path, key_field: str) -> dict[Hashable, dict[str, Any]]:
+    """Records of an interrupted run; a half-written last line (killed mid-write) is ignored."""
+    if not path.is_file():
+        return {}
+    done = {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise UsageError(f"{path}:{number}: not a JSON line; delete the file to start over") from None
+        done[record[key_field]] = record
+    return done
+
+
+def check_run(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume a run in `out` that was started with other settings (its predictions would be mixed in)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "run.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            raise UsageError(
+                f"--out: {out} holds a run with other settings ({', '.join(changed)}); use another folder or delete it"
+            )
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def write_outputs(out: Path, record: dict[str, Any], predictions: list[dict[str, Any]] | dict[str, Any] | None) -> None:
+    """`scores.json` (the --json record) and `predictions.json` (official result format, rescorable)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scores.json").write_text(json.dumps(record, indent=2) + "\n")
+    if predictions is not None:
+        (out / "predictions.json").write_text(json.dumps(predictions, ensure_ascii=False) + "\n")

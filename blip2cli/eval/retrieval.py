@@ -1,0 +1,139 @@
+"""Image-text retrieval as BLIP-2 evaluates it (spec §8, LAVIS `compute_sim_matrix` and `_report_metrics`).
+
+1. ITC: S[i, t] = max over the 32 queries of <f_i[q], g_t>, no temperature.
+2. Image -> text: the top k texts of each image by S get ITM + S (ITM = mean-over-queries positive logit),
+   every other cell -100; text -> image the same with the top k images of each text.
+3. The rank of an image is the best rank among its captions, that of a caption the rank of its image;
+   R@K = 100 x the fraction with rank < K. Ties are broken by index, lowest first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# (image indices (P,), text indices (P,)) -> ITM positive logit of each aligned pair (P,)
+ItmFn = Callable[[Tensor, Tensor], Tensor]
+FILL = -100.0  # LAVIS's score outside the top k; never ranks above a re-ranked cell
+
+
+def itc_scores(image_feats: Tensor, text_feats: Tensor, chunk: int = 256) -> Tensor:
+    """(I, Q, D) image queries x (T, D) texts -> (I, T) max-over-queries cosine (both sides L2-normalised)."""
+    rows = []
+    for start in range(0, len(image_feats), chunk):
+        sims = torch.einsum("iqd,td->iqt", image_feats[start : start + chunk].float(), text_feats.float())  # (C, Q, T)
+        rows.append(sims.amax(dim=1))  # (C, T)
+    return torch.cat(rows)
+
+
+def rerank_scores(itc: Tensor, itm_fn: ItmFn, k: int, show_progress: bool = False) -> tuple[Tensor, Tensor]:
+    """The two-stage scores: i2t (I, T) and t2i (T, I), ITM + ITC on each row's top k by ITC, -100 elsewhere."""
+    i2t = _rerank_rows(itc, lambda row, cols: itm_fn(torch.full_like(cols, row), cols), k, show_progress, "image→text")
+    t2i = _rerank_rows(itc.T, lambda row, cols: itm_fn(cols, torch.full_like(cols, row)), k, show_progress, "text→image")
+    return i2t, t2i
+
+
+def _rerank_rows(
+    itc: Tensor, pair_itm: Callable[[int, Tensor], Tensor], k: int, show_progress: bool, description: str
+) -> Tensor:
+    from blip2cli.render import progress
+
+    out = torch.full(itc.shape, FILL, dtype=torch.float32, device=itc.device)
+    rows = range(itc.shape[0])
+    for row in progress(rows, len(rows), f"ITM {description}") if show_progress else rows:
+        top = itc[row].topk(min(k, itc.shape[1])).indices  # (k,)
+        out[row, top] = pair_itm(row, top).float().to(itc.device) + itc[row, top].float()
+    return out
+
+
+def gt_ranks(scores: Tensor, positives: Sequence[Sequence[int]]) -> list[int]:
+    """Per row, the best 0-based rank of any positive column (higher score first, ties by lower index)."""
+    ranks = []
+    columns = torch.arange(scores.shape[1], device=scores.device)
+    for row, cols in zip(scores, positives):
+        ranks.append(min(int(((row > row[c]) | ((row == row[c]) & (columns < c))).sum()) for c in cols))
+    return ranks
+
+
+def gt_ranks_from_rankings(rankings: Sequence[Sequence[int]], positives: Sequence[Sequence[int]]) -> list[float]:
+    """Ranks from saved top-k lists; a positive outside the list ranks beyond it (inf)."""
+    ranks = []
+    for ranked, cols in zip(rankings, positives):
+        where = {c: i for i, c in enumerate(ranked)}
+        ranks.append(min((where[c] for c in cols if c in where), default=float("inf")))
+    return ranks
+
+
+def top_rankings(scores: Tensor, k: int) -> list[list[int]]:
+    """Each row's k best columns, best first, ties by lower index (what `predictions.json` stores)."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return order.cpu().tolist()
+
+
+def recall_metrics(txt_ranks: Sequence[float], img_ranks: Sequence[float]) -> dict[str, float]:
+    """`txt_r*` from image->text ranks, `img_r*` from text->image ranks; percent, as LAVIS reports them."""
+
+    def recall(ranks: Sequence[float], k: int) -> float:
+        return 100.0 * sum(r < k for r in ranks) / len(ranks)
+
+    out = {f"txt_r{k}": recall(txt_ranks, k) for k in (1, 5, 10)}
+    out |= {f"img_r{k}": recall(img_ranks, k) for k in (1, 5, 10)}
+    out["txt_r_mean"] = (out["txt_r1"] + out["txt_r5"] + out["txt_r10"]) / 3
+    out["img_r_mean"] = (out["img_r1"] + out["img_r5"] + out["img_r10"]) / 3
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+def recall_at_k(i2t: Tensor, t2i: Tensor, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int]) -> dict[str, float]:
+    """Recall metrics from the two score matrices, i2t (I, T) and t2i (T, I)."""
+    return recall_metrics(gt_ranks(i2t, img2txt), gt_ranks(t2i, [[i] for i in txt2img]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running a model
+
+
+def retrieval_scores(
+    model: Any,
+    images: Sequence[Path],
+    texts: Sequence[str],
+    pixels_fn: Callable[[Sequence[Path]], Tensor],
+    batch_size: int,
+    k: int,
+    text_batch_size: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """Embed every text and image, then the two-stage scores (texts already cleaned by the caller)."""
+    from blip2cli.render import progress
+
+    device = model.device
+    with torch.inference_mode():
+        text_chunks = [list(texts[i : i + text_batch_size]) for i in range(0, len(texts), text_batch_size)]
+        text_feats = torch.cat([model.text_features(c).float() for c in progress(text_chunks, len(text_chunks), "texts")])
+        feats, embeds = [], []
+        image_chunks = [list(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        for chunk in progress(image_chunks, len(image_chunks), "images"):
+            e = model.vision_embeds(pixels_fn(chunk).to(device))  # (B, N, Dv)
+            feats.append(model.image_features(e).float())  # (B, Q, 256)
+            embeds.append(e.cpu())  # LAVIS keeps E on the CPU too: 677 x 1408 per image at 364 px
+        itc = itc_scores(torch.cat(feats), text_feats.to(feats[0].device))  # (I, T)
+        vision = _on_device_if_it_fits(torch.cat(embeds), device)
+
+        def itm_fn(image_idx: Tensor, text_idx: Tensor) -> Tensor:
+            pair_embeds = vision[image_idx.to(vision.device)].to(device)  # (P, N, Dv)
+            return model.itm_logits(pair_embeds, [texts[t] for t in text_idx.tolist()])[:, 1]
+
+        return rerank_scores(itc, itm_fn, k, show_progress=True)
+
+
+def _on_device_if_it_fits(embeds: Tensor, device: Any) -> Tensor:
+    """Keep E on the GPU when it takes under half of the free memory (saves a copy per ITM batch)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if embeds.numel() * embeds.element_size() < free // 2:
+            return embeds.to(device)
+    return embeds

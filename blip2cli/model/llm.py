@@ -1,0 +1,139 @@
+"""The frozen LLM: a transformers decoder-only causal LM (OPT, Llama, Qwen, SmolLM, ...) or Flan-T5, fed the
+projected queries as a soft visual prompt (BLIP-2 §3.3).
+
+Decoder-only: [proj(Z) ; embed(BOS prompt text eos)], loss on the text after the prompt (spec §5.2).
+Encoder-decoder: encoder [proj(Z) ; embed(text_input </s>)], decoder targets text_output (spec §5.3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from blip2cli.config import GenerationOptions
+
+
+class FrozenLLM(nn.Module):
+    """Wraps a transformers LM and its tokenizer; never trained, always in eval mode."""
+
+    def __init__(self, model: nn.Module, tokenizer, eos_text: str = "\n", max_text_len: int = 32) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_text = eos_text
+        self.max_text_len = max_text_len
+        self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+        if tokenizer.pad_token_id is None:  # Llama-style tokenizers ship without a pad token
+            tokenizer.pad_token = tokenizer.eos_token
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> FrozenLLM:
+        return super().train(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def eos_token_ids(self) -> list[int]:
+        """Where generation stops: the model's own eos, plus `eos_text` (OPT's "\\n" = 50118) for decoder-only
+        models, whose captions are trained to end with it (spec §5.2)."""
+        configured = self.model.generation_config.eos_token_id
+        ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+        if not self.is_encoder_decoder and self.eos_text:
+            pieces = self.tokenizer(self.eos_text, add_special_tokens=False).input_ids
+            if len(pieces) == 1:
+                ids.append(pieces[0])
+        return sorted({i for i in ids if i is not None})
+
+    def _tokens(self, texts: Sequence[str], side: str, max_length: int | None = None) -> tuple[Tensor, Tensor]:
+        enc = self.tokenizer(
+            list(texts), padding="longest", truncation=max_length is not None, max_length=max_length,
+            return_tensors="pt", padding_side=side,
+        )
+        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def decoder_inputs(self, prefix: Tensor, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """[pads ; prefix ; BOS text] for generation: left padding moved in front of the prefix, as transformers'
+        BLIP-2 processor lays it out, so position ids (from the mask) and the KV cache see no gaps."""
+        ids, mask = self._tokens(texts, "left")
+        embeds = torch.cat((prefix.to(self.dtype), self._embed(ids)), dim=1)  # (B, Q+T, D)
+        mask = torch.cat((mask.new_ones(prefix.shape[:2]), mask), dim=1)
+        order = torch.argsort(mask, dim=1, stable=True)  # pads (0) first, the rest keeps its order
+        embeds = embeds.gather(1, order[..., None].expand_as(embeds))
+        return embeds, mask.gather(1, order)
+
+    def encoder_inputs(self, prefix: Tensor, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """[prefix ; text </s> ; pads] for the T5 encoder (right padding)."""
+        ids, mask = self._tokens(texts, "right", self.max_text_len)
+        embeds = torch.cat((prefix.to(self.dtype), self._embed(ids)), dim=1)
+        return embeds, torch.cat((mask.new_ones(prefix.shape[:2]), mask), dim=1)
+
+    def prompt_logits(self, prefix: Tensor, prompts: Sequence[str]) -> Tensor:
+        """Next-token logits over [prefix ; prompt] (decoder-only) or the first decoder step (T5): (B, S, V)."""
+        if self.is_encoder_decoder:
+            embeds, mask = self.encoder_inputs(prefix, prompts)
+            start = torch.full((prefix.shape[0], 1), self.model.config.decoder_start_token_id, device=self.device)
+            return self.model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=start).logits
+        embeds, mask = self.decoder_inputs(prefix, prompts)
+        return self.model(inputs_embeds=embeds, attention_mask=mask).logits
+
+    @torch.no_grad()
+    def generate_tokens(self, prefix: Tensor, prompts: Sequence[str], options: GenerationOptions) -> Tensor:
+        """New token ids (B * num_return_sequences, L); the prompt is not included."""
+        build = self.encoder_inputs if self.is_encoder_decoder else self.decoder_inputs
+        embeds, mask = build(prefix, prompts)
+        return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **self._generate_kwargs(options))
+
+    def generate(self, prefix: Tensor, prompts: Sequence[str], options: GenerationOptions) -> list[list[str]]:
+        """Captions or answers: `options.num_return_sequences` texts per prefix row, prompt not included."""
+        out = self.generate_tokens(prefix, prompts, options)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        n = options.num_return_sequences
+        return [texts[i * n:(i + 1) * n] for i in range(prefix.shape[0])]
+
+    def _generate_kwargs(self, o: GenerationOptions) -> dict:
+        kwargs = dict(
+            max_new_tokens=o.max_new_tokens, min_new_tokens=o.min_new_tokens, num_beams=o.num_beams,
+            do_sample=o.do_sample, repetition_penalty=o.repetition_penalty, length_penalty=o.length_penalty,
+            num_return_sequences=o.num_return_sequences, eos_token_id=self.eos_token_ids(),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        if o.do_sample:
+            kwargs.update(top_p=o.top_p, temperature=o.temperature, num_beams=1)
+        else:  # silence transformers' warnings about sampling-only settings carried by generation_config
+            kwargs.update(top_p=None, temperature=None, top_k=None)
+        return kwargs
+
+    def decoder_loss_inputs(
+        self, prefix: Tensor, texts: Sequence[str], prompt: str
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Stage-2 training batch for decoder-only LLMs: embeds, mask, ids and prompt lengths (BOS counted).
+        Each text is `prompt + caption` already; `eos_text` is appended here (spec §5.2)."""
+        ids, mask = self._tokens([t + self.eos_text for t in texts], "right", self.max_text_len)
+        prompt_len = len(self.tokenizer(prompt).input_ids) if prompt else 0
+        embeds = torch.cat((prefix.to(self.dtype), self._embed(ids)), dim=1)
+        full_mask = torch.cat((mask.new_ones(prefix.shape[:2]), mask), dim=1)
+        return embeds, full_mask, ids, torch.full((ids.shape[0],), prompt_len, device=ids.device)
+
+    def seq2seq_loss(self, prefix: Tensor, inputs: Sequence[str], outputs: Sequence[str]) -> Tensor:
+        """Flan-T5 stage-2 / fine-tune loss: encoder [prefix ; input], decoder targets `outputs` (T5's CE)."""
+        embeds, mask = self.encoder_inputs(prefix, inputs)
+        out_ids, out_mask = self._tokens(outputs, "right", self.max_text_len)
+        labels = out_ids.masked_fill(out_mask == 0, -100)
+        return self.model(
+            inputs_embeds=embeds, attention_mask=mask, labels=labels, decoder_attention_mask=out_mask
+        ).loss

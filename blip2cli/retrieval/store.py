@@ -1,0 +1,361 @@
+"""The embedding store: what an index folder knows, and the source of truth the FAISS index is rebuilt from.
+
+    INDEX_DIR/store.sqlite             meta, files (path, size, mtime_ns, sha256), contents (sha256 -> row, width, height)
+    INDEX_DIR/vectors/query-00000.f16  raw float16 (Q, D) ITC query matrices, row r in shard r // rows_per_shard
+    INDEX_DIR/vectors/pooled-00000.f16 raw float16 (D,) pooled vectors (re-normalised mean of the Q), same rows
+
+One row per distinct content: two paths with the same bytes share a row and are embedded once.
+
+Why append-only raw shards and not SQLite blobs: search re-scores every candidate exactly from its (32, 256) matrix
+(16 KiB), and at a million images the matrices are 16.4 GB. A memory-mapped shard turns "fetch 300 candidates"
+into one numpy gather that reads only those pages, and index builds stream the shards sequentially; blobs would
+cost a query per row and copy every matrix through Python. Crash safety comes from ordering, not from the files:
+a batch's rows are written and fsynced *before* the SQLite transaction that points at them commits, and a writer
+opening the store truncates bytes past the committed row count (what a killed batch leaves). Rows of contents that
+no path refers to any more become dead space (`dead_rows`), never rewritten in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from blip2cli.errors import UsageError
+
+FORMAT = 1
+ROWS_PER_SHARD = 65536  # 1 GiB query shards at 32 x 256 float16
+_SQL_CHUNK = 900  # bound parameters per statement (SQLite's historical limit is 999)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS contents (
+    sha256 TEXT PRIMARY KEY, row INTEGER NOT NULL UNIQUE, width INTEGER NOT NULL, height INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS files_by_sha ON files (sha256);
+"""
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What the vectors mean: the model that made them and their shape. Fixed when the store is created."""
+
+    model: str  # name or path the user gave (--model)
+    fingerprint: str  # identifies the weights; a different fingerprint may not add to or search this store
+    num_queries: int  # Q, 32 for BLIP-2
+    dim: int  # D, 256 for BLIP-2's ITC projection
+    rows_per_shard: int = ROWS_PER_SHARD
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # absolute
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class NewContent:
+    sha256: str
+    width: int
+    height: int
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pool(mats: np.ndarray) -> np.ndarray:
+    """The pooled image vector: re-normalised mean of the query vectors, (B, Q, D) -> (B, D) float32."""
+    v = mats.astype(np.float32).mean(axis=1)  # (B, D)
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+class Store:
+    """An embedding folder. Readers see the last committed state; one writer at a time (a file lock)."""
+
+    def __init__(self, root: Path, conn: sqlite3.Connection, info: StoreInfo, lock: int | None) -> None:
+        self.root = root
+        self.info = info
+        self._conn = conn
+        self._lock = lock  # fd holding the writer lock; None for readers
+        self._maps: dict[tuple[str, int], np.memmap] = {}
+        self._local = threading.local()  # per-thread read connections (decode workers look up hashes)
+        (root / "vectors").mkdir(exist_ok=True)
+
+    # -- opening ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def exists(root: Path) -> bool:
+        path = root / "store.sqlite"
+        if not path.is_file():
+            return False
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            try:
+                return conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone() is not None
+            except sqlite3.OperationalError:  # created by a run killed before its first commit
+                return False
+
+    @classmethod
+    def open(cls, root: Path, writable: bool = False) -> Store:
+        root = Path(root)
+        if not cls.exists(root):
+            raise UsageError(f"no index at {root}: build one with `blip2 index PHOTOS --index {root}`")
+        lock = _take_lock(root) if writable else None
+        conn = _connect(root / "store.sqlite")
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+        if int(meta["format"]) != FORMAT:
+            raise UsageError(f"{root}: store format {meta['format']} is not supported by this version ({FORMAT})")
+        info = StoreInfo(meta["model"], meta["fingerprint"], int(meta["num_queries"]), int(meta["dim"]),
+                         int(meta["rows_per_shard"]))
+        store = cls(root, conn, info, lock)
+        if writable:
+            store._truncate_uncommitted()
+        return store
+
+    @classmethod
+    def create(cls, root: Path, info: StoreInfo) -> Store:
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        lock = _take_lock(root)
+        conn = _connect(root / "store.sqlite")
+        meta = {"format": FORMAT, "model": info.model, "fingerprint": info.fingerprint,
+                "num_queries": info.num_queries, "dim": info.dim, "rows_per_shard": info.rows_per_shard,
+                "next_row": 0, "generation": 0}
+        with _transaction(conn):  # schema and meta appear together or not at all
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                conn.execute(statement)
+            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
+        store = cls(root, conn, info, lock)
+        store._truncate_uncommitted()  # shards left by a killed earlier attempt
+        return store
+
+    def close(self) -> None:
+        self._maps.clear()
+        self._conn.close()
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading ----------------------------------------------------------------------------------------------
+
+    def _meta_int(self, key: str) -> int:
+        return int(self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every commit that adds or drops a content row; the index manifest records the one it saw."""
+        return self._meta_int("generation")
+
+    @property
+    def next_row(self) -> int:
+        return self._meta_int("next_row")
+
+    def count_images(self) -> int:
+        return self._conn.execute("SELECT COUNT(*) FROM contents").fetchone()[0]
+
+    def count_files(self) -> int:
+        return self._conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+
+    def dead_rows(self) -> int:
+        return self.next_row - self.count_images()
+
+    def files(self) -> dict[str, FileEntry]:
+        return {r[0]: FileEntry(*r) for r in self._conn.execute("SELECT path, size, mtime_ns, sha256 FROM files")}
+
+    def has_content(self, sha256: str) -> bool:
+        """Thread-safe: decode workers call this to skip decoding bytes that are already embedded."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = _connect(self.root / "store.sqlite", readonly=True)
+        return conn.execute("SELECT 1 FROM contents WHERE sha256 = ?", (sha256,)).fetchone() is not None
+
+    def live_rows(self) -> np.ndarray:
+        """Rows of every content some path refers to, ascending, int64."""
+        rows = self._conn.execute("SELECT row FROM contents ORDER BY row").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def paths(self, rows: Sequence[int]) -> dict[int, list[str]]:
+        """row -> the paths holding that content, sorted."""
+        out: dict[int, list[str]] = {}
+        rows = [int(r) for r in rows]
+        for i in range(0, len(rows), _SQL_CHUNK):
+            part = rows[i : i + _SQL_CHUNK]
+            sql = ("SELECT c.row, f.path FROM contents c JOIN files f ON f.sha256 = c.sha256 "
+                   f"WHERE c.row IN ({','.join('?' * len(part))}) ORDER BY f.path")
+            for row, path in self._conn.execute(sql, part):
+                out.setdefault(row, []).append(path)
+        return out
+
+    def row_of_path(self, path: str) -> int | None:
+        r = self._conn.execute(
+            "SELECT c.row FROM files f JOIN contents c ON c.sha256 = f.sha256 WHERE f.path = ?", (path,)
+        ).fetchone()
+        return None if r is None else r[0]
+
+    def queries(self, rows: np.ndarray) -> np.ndarray:
+        """Gather query matrices: rows (n,) -> (n, Q, D) float16, reading only those rows' pages."""
+        return self._gather("query", np.asarray(rows, dtype=np.int64), (self.info.num_queries, self.info.dim))
+
+    def pooled(self, rows: np.ndarray) -> np.ndarray:
+        """Gather pooled vectors: rows (n,) -> (n, D) float16."""
+        return self._gather("pooled", np.asarray(rows, dtype=np.int64), (self.info.dim,))
+
+    def iter_live(self, kind: str, chunk: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream (rows, vectors) over all live rows in row order; kind is 'query' or 'pooled'."""
+        rows = self.live_rows()
+        gather = self.queries if kind == "query" else self.pooled
+        for i in range(0, len(rows), chunk):
+            yield rows[i : i + chunk], gather(rows[i : i + chunk])
+
+    def _shard_path(self, kind: str, shard: int) -> Path:
+        return self.root / "vectors" / f"{kind}-{shard:05d}.f16"
+
+    def _gather(self, kind: str, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        out = np.empty((len(rows), *shape), dtype=np.float16)
+        rps = self.info.rows_per_shard
+        shards, offsets = np.divmod(rows, rps)
+        for shard in np.unique(shards):
+            sel = shards == shard
+            need = int(offsets[sel].max()) + 1
+            out[sel] = self._map(kind, int(shard), shape, need)[offsets[sel]]
+        return out
+
+    def _map(self, kind: str, shard: int, shape: tuple[int, ...], need: int) -> np.memmap:
+        m = self._maps.get((kind, shard))
+        if m is None or len(m) < need:  # the shard grew since it was mapped (same process wrote more)
+            path = self._shard_path(kind, shard)
+            row_bytes = int(np.prod(shape)) * 2
+            n = path.stat().st_size // row_bytes if path.exists() else 0
+            if n < need:
+                raise RuntimeError(f"{path}: holds {n} rows, row {need - 1} is committed (store damaged?)")
+            m = self._maps[(kind, shard)] = np.memmap(path, dtype=np.float16, mode="r", shape=(n, *shape))
+        return m
+
+    # -- writing ----------------------------------------------------------------------------------------------
+
+    def commit(
+        self,
+        new: Sequence[NewContent] = (),
+        mats: np.ndarray | None = None,
+        upsert: Sequence[FileEntry] = (),
+        remove: Sequence[str] = (),
+    ) -> None:
+        """One atomic step: append `mats` (len(new), Q, D) as rows for the `new` contents, point `upsert` paths at
+        their content, drop `remove` paths, and delete contents that no path refers to any more.
+
+        A kill before the final COMMIT leaves the store exactly as before this call (the appended bytes are past
+        the committed row count and are truncated when a writer next opens the store)."""
+        assert self._lock is not None, "store opened read-only"
+        first = self.next_row
+        if new:
+            assert mats is not None and mats.shape == (len(new), self.info.num_queries, self.info.dim), mats.shape
+            self._write_rows(first, mats)
+        with _transaction(self._conn) as conn:
+            touched = {e.sha256 for e in new}
+            old = self._shas_of([e.path for e in upsert] + list(remove))
+            conn.executemany("INSERT INTO contents VALUES (?, ?, ?, ?)",
+                             [(c.sha256, first + i, c.width, c.height) for i, c in enumerate(new)])
+            conn.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
+                             [(e.path, e.size, e.mtime_ns, e.sha256) for e in upsert])
+            conn.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in remove])
+            dropped = 0
+            for sha in old | touched:
+                dropped += conn.execute("DELETE FROM contents WHERE sha256 = ? AND NOT EXISTS "
+                                        "(SELECT 1 FROM files WHERE files.sha256 = ?)", (sha, sha)).rowcount
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'next_row'", (str(first + len(new)),))
+            if new or dropped:
+                conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+
+    def _shas_of(self, paths: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(paths), _SQL_CHUNK):
+            part = list(paths[i : i + _SQL_CHUNK])
+            sql = f"SELECT sha256 FROM files WHERE path IN ({','.join('?' * len(part))})"
+            found.update(r[0] for r in self._conn.execute(sql, part))
+        return found
+
+    def _write_rows(self, first: int, mats: np.ndarray) -> None:
+        """Write rows first.. at their fixed offsets in both shard kinds, then fsync (before the commit)."""
+        rps = self.info.rows_per_shard
+        pooled = pool(mats).astype(np.float16)
+        mats = mats.astype(np.float16)
+        i = 0
+        while i < len(mats):
+            shard, offset = divmod(first + i, rps)
+            n = min(len(mats) - i, rps - offset)
+            for kind, block in (("query", mats[i : i + n]), ("pooled", pooled[i : i + n])):
+                path = self._shard_path(kind, shard)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+                try:
+                    os.pwrite(fd, np.ascontiguousarray(block).tobytes(), offset * block[0].nbytes)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            i += n
+
+    def _truncate_uncommitted(self) -> None:
+        """Cut every shard back to the committed rows: a killed batch may have written past them."""
+        committed = self.next_row
+        rps = self.info.rows_per_shard
+        row_bytes = {"query": self.info.num_queries * self.info.dim * 2, "pooled": self.info.dim * 2}
+        for path in sorted((self.root / "vectors").glob("*.f16")):
+            kind, shard = path.stem.rsplit("-", 1)
+            rows = min(max(committed - int(shard) * rps, 0), rps)
+            if rows == 0:
+                path.unlink()
+            elif path.stat().st_size > rows * row_bytes[kind]:
+                os.truncate(path, rows * row_bytes[kind])
+        self._maps.clear()
+
+
+def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None)  # autocommit; transactions are explicit
+        conn.execute("PRAGMA journal_mode = WAL")  # readers (search, decode workers) never block the writer
+        conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA busy_timeout = 10000")
+    return conn
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _take_lock(root: Path) -> int:
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"{root} is being written by another `blip2 index`; wait for it to finish") from None
+    return fd

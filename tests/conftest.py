@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny offline BLIP-2 checkpoints (built once per session) and the coco-mini photos."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+COCO_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini"
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_dir(tmp_path_factory) -> Path:
+    from tests import tiny
+
+    return tiny.opt_model(tmp_path_factory.mktemp("tiny-opt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    from tests import tiny
+
+    return tiny.t5_model(tmp_path_factory.mktemp("tiny-t5"))
+
+
+@pytest.fixture(scope="session")
+def tiny_retrieval_model_dir(tmp_path_factory) -> Path:
+    from tests import tiny
+
+    return tiny.retrieval_model(tmp_path_factory.mktemp("tiny-itm"))
+
+
+@pytest.fixture(scope="session")
+def coco_mini() -> Path:
+    if not COCO_MINI.is_dir():
+        pytest.skip(f"coco-mini photos not found at {COCO_MINI}")
+    return COCO_MINI
