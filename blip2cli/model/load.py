@@ -31,6 +31,7 @@ KNOWN_HUB_IDS = (
     "Salesforce/blip2-opt-6.7b-coco", "Salesforce/blip2-flan-t5-xl", "Salesforce/blip2-flan-t5-xl-coco",
     "Salesforce/blip2-flan-t5-xxl", "Salesforce/blip2-itm-vit-g", "Salesforce/blip2-itm-vit-g-coco",
 )
+SIDECAR = "blip2cli_extra.safetensors"  # written by export.py: temp and Qformer.cls.* (our names)
 RUN_WEIGHTS = "model.safetensors"  # trainable weights of a training output, beside recipe.yaml
 RUN_RECIPE = "recipe.yaml"
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
@@ -360,7 +361,10 @@ def load_hf_dir(path: Path, place_args: tuple[str, str], name: str) -> Blip2:
     if cfg.qformer.text:
         q_tok = qformer_tokenizer(path)
     model = build_empty(cfg, hf.text_config if cfg.llm.enabled else None, llm_tok, q_tok)
-    tensors = ((hf_to_ours(n), t) for n, t in _split_biases(iter_tensors(files)))
+    tensors = [(hf_to_ours(n), t) for n, t in _split_biases(iter_tensors(files))]
+    sidecar = path / SIDECAR
+    if sidecar.is_file():  # temp and the ITG head of a model exported by us (HF has no place for them)
+        tensors += list(read_safetensors(sidecar).items())
     allow = ("temp", "qformer.cls.") if cfg.qformer.text else ()
     fill(model, ((n, t) for n, t in tensors if n is not None and not DROPPED.search(n)), place,
          allow_missing=allow, source=str(path))
@@ -427,8 +431,9 @@ def download(repo_id: str) -> Path:
                          f"Official BLIP-2 models:\n  {known}") from None
     except LocalEntryNotFoundError:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        known = "" if repo_id in KNOWN_HUB_IDS else " Official BLIP-2 models: " + ", ".join(KNOWN_HUB_IDS) + "."
         raise UsageError(f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached{offline}. "
-                         f"Download it once online (`hf download {repo_id}`) or pass a local directory.") from None
+                         f"Download it once online (`hf download {repo_id}`) or pass a local directory.{known}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,7 +448,7 @@ def load_run_dir(path: Path, place_args: tuple[str, str], name: str) -> Blip2:
     """A `blip2 pretrain/finetune` output: the recipe says how to rebuild the frozen parts."""
     cfg = model_config_from_yaml(path / RUN_RECIPE)
     trained = read_safetensors(path / RUN_WEIGHTS)
-    model = build_model(cfg, place_args, trained_names=set(trained), tokenizer_source=path)
+    model = build_model(cfg, place_args, tokenizer_source=path, initialize=False)
     place = placement(*place_args, t5=_is_t5(model))
     fill(model, trained.items(), place, allow_missing=(), strict=True, source=str(path))
     return finish(model, place, name, _fingerprint([path / RUN_WEIGHTS]))
@@ -453,10 +458,11 @@ def _is_t5(model: Blip2) -> bool:
     return model.llm is not None and model.llm.is_encoder_decoder
 
 
-def build_model(cfg: ModelConfig, place_args: tuple[str, str] = ("auto", "auto"), trained_names: set[str] = frozenset(),
-                tokenizer_source: str | Path | None = None) -> Blip2:
-    """A model from its config: frozen LLM and vision weights from their named sources, everything else
-    initialised (then overwritten by `trained_names` by the caller, or trained). Used by training and run dirs."""
+def build_model(cfg: ModelConfig, place_args: tuple[str, str] = ("auto", "auto"),
+                tokenizer_source: str | Path | None = None, initialize: bool = True) -> Blip2:
+    """A model from its config: frozen LLM and vision weights from their named sources. With `initialize`, the
+    rest gets fresh initial values (training); without, it stays on the meta device for a checkpoint to fill,
+    so anything the checkpoint lacks is reported as missing."""
     llm_config = llm_tok = None
     if cfg.llm.enabled:
         from transformers import AutoConfig, AutoTokenizer
@@ -477,7 +483,8 @@ def build_model(cfg: ModelConfig, place_args: tuple[str, str] = ("auto", "auto")
     if cfg.vision.weights and cfg.vision.kind == "eva":
         fill(model, vision_weights(cfg.vision.weights), place, allow_missing=("",), strict=False,
              source=cfg.vision.weights)
-    materialize(model)  # whatever no source provided: trainable parts, or the tower when it is random
+    if initialize:
+        materialize(model)  # whatever no source provided: trainable parts, or the tower when it is random
     return model
 
 
@@ -523,16 +530,16 @@ def load_lavis(path: Path, place_args: tuple[str, str], name: str, vision: str |
     state = raw.get("model", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict) or "query_tokens" not in state:
         raise UsageError(f"{path}: not a LAVIS BLIP-2 checkpoint (no query_tokens)")
-    cfg = _lavis_config(state, path, llm)
     has_vision = any(k.startswith("visual_encoder.") for k in state)
     if not has_vision and not vision:
         raise UsageError(f"{path} has no vision weights: name them with --vision (eva_vit_g.pth, or a BLIP-2 hub id "
                          "such as Salesforce/blip2-itm-vit-g whose ViT is the same)")
+    cfg = _lavis_config(state, path, llm, vision)
     if cfg.llm.enabled and not llm:
         raise UsageError(f"{path} is a stage-2 checkpoint: name its frozen LLM with --llm (e.g. facebook/opt-2.7b)")
     cfg = replace(cfg, vision=replace(cfg.vision, weights="" if has_vision else str(vision)),
                   qformer=replace(cfg.qformer, tokenizer=tokenizer))
-    model = build_model(cfg, place_args)
+    model = build_model(cfg, place_args, initialize=False)
     place = placement(*place_args, t5=_is_t5(model))
     ours = ((lavis_to_ours(n), t) for n, t in state.items())
     expected_missing = ("vision.",) if not has_vision else ()
@@ -541,20 +548,55 @@ def load_lavis(path: Path, place_args: tuple[str, str], name: str, vision: str |
     return finish(model, place, name, _fingerprint([path]))
 
 
-def _lavis_config(state: dict[str, Tensor], path: Path, llm: str | None) -> ModelConfig:
-    width = state["ln_vision.weight"].shape[0]
-    pos = state.get("visual_encoder.pos_embed")
-    size = 224 if pos is None else (int((pos.shape[1] - 1) ** 0.5) * 14)
-    vision = VisionConfig(width=width, image_size=size)
-    if width != 1408:
-        raise UsageError(f"{path}: ViT width {width} (e.g. LAVIS ViT-L) is not supported for LAVIS files yet")
+def _lavis_config(state: dict[str, Tensor], path: Path, llm: str | None, vision: str | None) -> ModelConfig:
+    """Shapes in a LAVIS file -> ModelConfig. Head counts are not stored: taken from the BLIP-2 directory named
+    as `vision` when there is one, else 64-wide heads as in BERT (12 for 768) and 16 for ViT-g (head dim 88)."""
+    if any(k.startswith("visual_encoder.transformer.") for k in state):
+        raise UsageError(f"{path}: a CLIP ViT-L LAVIS checkpoint; only EVA ViT-g LAVIS files are supported so far")
+    heads = None
+    if any(k.startswith("visual_encoder.") for k in state):
+        vcfg = _eva_config({k[len("visual_encoder."):]: v for k, v in state.items() if k.startswith("visual_encoder.")})
+    elif vision and (Path(vision).is_dir() or not Path(vision).exists()):
+        from transformers import Blip2Config
+
+        src = Path(vision) if Path(vision).is_dir() else download(vision)
+        reference = model_config_from_hf(Blip2Config.from_pretrained(src))
+        vcfg, heads = reference.vision, reference.qformer.num_heads
+    elif vision:
+        raw = safe_torch_load(Path(vision))
+        vcfg = _eva_config(raw.get("model", raw))
+    else:
+        vcfg = VisionConfig()
+    vcfg = replace(vcfg, ln_vision_eps=1e-5)  # LAVIS's ln_vision (spec §2.1)
+    queries = state["query_tokens"]
+    layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"Qformer\.bert\.encoder\.layer\.(\d+)\.", k))})
+    cross = [i for i in layers if f"Qformer.bert.encoder.layer.{i}.crossattention.self.query.weight" in state]
     words = state.get("Qformer.bert.embeddings.word_embeddings.weight")
-    q_layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"Qformer\.bert\.encoder\.layer\.(\d+)\.", k)))
-    qformer = QFormerConfig(num_layers=q_layers, text=words is not None,
-                            vocab_size=words.shape[0] if words is not None else 30523)
+    positions = state.get("Qformer.bert.embeddings.position_embeddings.weight")
+    proj = state.get("vision_proj.weight")
+    hidden = queries.shape[-1]
+    qcfg = QFormerConfig(
+        num_queries=queries.shape[1], hidden_size=hidden, num_layers=len(layers), num_heads=heads or max(hidden // 64, 1),
+        intermediate_size=state["Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
+        cross_attention_every=cross[1] - cross[0] if len(cross) > 1 else max(len(layers), 1), text=words is not None,
+        vocab_size=words.shape[0] if words is not None else 30523,
+        max_position_embeddings=positions.shape[0] if positions is not None else 512,
+        embed_dim=proj.shape[0] if proj is not None else 256,
+    )
     is_stage2 = "opt_proj.weight" in state or "t5_proj.weight" in state
     llm_cfg = LLMConfig(name=llm or "", eos_text="\n" if "opt_proj.weight" in state else "") if is_stage2 else LLMConfig()
-    return ModelConfig(vision=vision, qformer=qformer, llm=llm_cfg)
+    return ModelConfig(vision=vcfg, qformer=qcfg, llm=llm_cfg)
+
+
+def _eva_config(state: dict[str, Tensor]) -> VisionConfig:
+    """EVA ViT dims from its weights (eva_vit_g.pth or LAVIS visual_encoder.*); BLIP-2 keeps 39 of 40 blocks."""
+    width = state["cls_token"].shape[-1]
+    blocks = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    grid = int((state["pos_embed"].shape[1] - 1) ** 0.5)
+    return VisionConfig(width=width, depth=39 if blocks == 40 else blocks, heads=16 if width == 1408 else width // 64,
+                        mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0], patch_size=patch, image_size=grid * patch,
+                        qkv_bias="blocks.0.attn.q_bias" in state)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,16 @@ from torch import Tensor, nn
 from blip2cli.config import VisionConfig
 
 
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back: frozen towers keep fp16/bf16 matmuls but fp32 norms
+    (spec §2.1), and run without autocast at inference."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
 class EvaAttention(nn.Module):
     """Multi-head self-attention with EVA's bias layout: q and v biases, the k bias fixed at zero (spec §2.1)."""
 
@@ -58,9 +68,9 @@ class EvaBlock(nn.Module):
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.norm1 = LayerNorm32(cfg.width, eps=cfg.layer_norm_eps)
         self.attn = EvaAttention(cfg.width, cfg.heads, cfg.qkv_bias)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.norm2 = LayerNorm32(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = EvaMlp(cfg.width, cfg.mlp_dim)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,118 @@
+"""The model core: masks, freezing, which parameters train, stage-1/2 objectives and Q-Former captioning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blip2cli.config import GenerationOptions, ModelConfig, QFormerConfig, VisionConfig
+from blip2cli.model.blip2 import Blip2
+from blip2cli.model.load import load_model
+from blip2cli.model.qformer import _itg_mask
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory) -> Blip2:
+    tok = tiny.bert_tokenizer(tmp_path_factory.mktemp("bert"))
+    cfg = ModelConfig(
+        vision=VisionConfig(image_size=28, patch_size=14, width=32, depth=2, heads=4, mlp_dim=64),
+        qformer=QFormerConfig(num_queries=4, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                              vocab_size=len(tok), max_position_embeddings=64, embed_dim=16, max_text_len=12),
+    )
+    torch.manual_seed(0)
+    return Blip2(cfg, tokenizer=tok)
+
+
+def test_itg_mask_by_hand():
+    """Text row i sees every query and text j <= i that is not padding (spec §3.3)."""
+    pad = torch.tensor([[1, 1, 1, 0]])
+    m = _itg_mask(pad, cached=2, T=4)[0, 0].int()
+    expected = torch.tensor([
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 0],
+    ])
+    assert torch.equal(m, expected)
+
+
+def test_itg_text_is_causal_and_sees_queries(stage1):
+    stage1.eval()
+    px = tiny.pixels(1)
+    ids = torch.tensor([[stage1.tokenizer.bos_token_id, 7, 8, 9, 10]])
+    other = ids.clone()
+    other[0, 4] = 11  # change the last token only
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        _, cache = stage1.query_image(stage1.vision_embeds(px))
+        a, _ = stage1.qformer.decode_text(ids, mask, cache)
+        b, _ = stage1.qformer.decode_text(other, mask, cache)
+        _, cache2 = stage1.query_image(stage1.vision_embeds(tiny.pixels(1, seed=9)))
+        c, _ = stage1.qformer.decode_text(ids, mask, cache2)
+    assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6)  # earlier text never sees later text
+    assert not torch.allclose(a[:, 4], b[:, 4])
+    assert not torch.allclose(a, c)  # text sees the queries (through the cached K/V)
+
+
+def test_queries_never_see_text_and_itm_is_bidirectional(stage1):
+    stage1.eval()
+    e = stage1.vision_embeds(tiny.pixels(1))
+    with torch.no_grad():
+        z1 = stage1.query_image(e)[0]
+        q = stage1.query_tokens
+        ids = torch.tensor([[2, 7, 8, 3]])
+        h1 = stage1.qformer.encode_joint(q, ids, torch.ones_like(ids), e)
+        h2 = stage1.qformer.encode_joint(q, torch.tensor([[2, 7, 9, 3]]), torch.ones_like(ids), e)
+    assert torch.allclose(z1, stage1.query_image(e)[0])
+    assert not torch.allclose(h1[:, :4], h2[:, :4])  # ITM: queries attend to the text
+
+
+def test_frozen_vision_stays_frozen(stage1):
+    stage1.train()
+    assert not stage1.vision.training and not any(m.training for m in stage1.vision.modules())
+    assert all(not p.requires_grad for p in stage1.vision.parameters())
+    assert stage1.qformer.training and stage1.ln_vision.weight.requires_grad
+
+
+def test_stage1_gradients_reach_exactly_the_trainable_parameters(stage1):
+    stage1.train()
+    stage1.zero_grad()
+    out = stage1.stage1_loss(tiny.pixels(3), ["a dog running", "a red bicycle", "two cats on a blanket"])
+    assert torch.isfinite(out.loss) and out.itc > 0 and out.itm > 0 and out.itg > 0
+    out.loss.backward()
+    for name, p in stage1.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name} got no gradient"
+        else:
+            assert p.grad is None, f"frozen {name} got a gradient"
+    assert stage1.temp.grad is not None and stage1.temp.grad.abs() > 0
+
+
+def test_stage2_gradients_skip_the_frozen_llm(tiny_opt_dir):
+    model = load_model(str(tiny_opt_dir), "cpu", "float32")
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for part in (model.qformer, model.ln_vision, model.llm_proj):
+        part.requires_grad_(True)
+    model.query_tokens.requires_grad_(True)
+    out = model.stage2_loss(tiny.pixels(2), ["a photo of a dog", "a photo of a cat"], prompt="a photo of")
+    out.loss.backward()
+    assert model.llm_proj.weight.grad is not None and model.query_tokens.grad is not None
+    assert all(p.grad is None for p in model.llm.parameters())
+    assert not model.llm.training
+
+
+def test_qformer_captioning_greedy_and_beam(stage1):
+    stage1.eval()
+    for beams in (1, 3):
+        out = stage1.generate(tiny.pixels(2), ["", ""], GenerationOptions(num_beams=beams, max_new_tokens=6,
+                                                                           num_return_sequences=1))
+        assert len(out) == 2 and all(len(c) == 1 and isinstance(c[0], str) for c in out)
+
+
+def test_stage1_model_without_text_head_refuses_itg(tiny_opt_dir):
+    model = load_model(str(tiny_opt_dir), "cpu", "float32")
+    with pytest.raises(ValueError, match="no vision_proj"):
+        model.image_features(model.vision_embeds(tiny.pixels(1)))
