@@ -116,3 +116,45 @@ def test_stage1_model_without_text_head_refuses_itg(tiny_opt_dir):
     model = load_model(str(tiny_opt_dir), "cpu", "float32")
     with pytest.raises(ValueError, match="no vision_proj"):
         model.image_features(model.vision_embeds(tiny.pixels(1)))
+
+
+def test_qformer_starts_from_bert_like_lavis(tmp_path):
+    """init_from copies BERT's embeddings/attention/FFN, the FFN into the query FFN, and grows the vocab by [DEC]."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from blip2cli.model.load import build_model
+
+    tok = tiny.bert_tokenizer(tmp_path / "bert")
+    bert = BertForMaskedLM(BertConfig(vocab_size=len(tok) - 1, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=64))
+    bert.save_pretrained(tmp_path / "bert")
+    cfg = ModelConfig(
+        vision=VisionConfig(image_size=28, patch_size=14, width=32, depth=1, heads=4, mlp_dim=64),
+        qformer=QFormerConfig(num_queries=4, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                              vocab_size=len(tok), max_position_embeddings=64, embed_dim=16,
+                              tokenizer=str(tmp_path / "bert"), init_from=str(tmp_path / "bert")),
+    )
+    model = build_model(cfg, ("cpu", "float32"))
+    layer, ref = model.qformer.encoder.layer[1], bert.bert.encoder.layer[1]
+    assert torch.equal(layer.attention.self.query.weight, ref.attention.self.query.weight)
+    assert torch.equal(layer.intermediate.dense.weight, ref.intermediate.dense.weight)
+    assert torch.equal(layer.intermediate_query.dense.weight, ref.intermediate.dense.weight)
+    assert torch.equal(layer.output_query.LayerNorm.weight, ref.output.LayerNorm.weight)
+    words = model.qformer.embeddings.word_embeddings.weight
+    assert words.shape[0] == len(tok) and torch.equal(words[:-1], bert.bert.embeddings.word_embeddings.weight)
+    assert model.qformer.cls.predictions.decoder.weight is words  # tied
+    assert torch.equal(model.qformer.cls.predictions.transform.dense.weight, bert.cls.predictions.transform.dense.weight)
+
+
+def test_timm_vision_tower_is_an_alternative(tmp_path):
+    tok = tiny.bert_tokenizer(tmp_path / "bert")
+    cfg = ModelConfig(
+        vision=VisionConfig(kind="timm", timm_name="vit_tiny_patch16_224", image_size=32, patch_size=16),
+        qformer=QFormerConfig(num_queries=4, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                              vocab_size=len(tok), max_position_embeddings=64, embed_dim=16),
+    )
+    model = Blip2(cfg, tokenizer=tok)
+    model.train()
+    e = model.vision_embeds(torch.randn(2, 3, 32, 32))
+    assert e.shape == (2, 5, 192) and not model.vision.training
+    assert model.image_features(e).shape == (2, 4, 16)

@@ -483,9 +483,39 @@ def build_model(cfg: ModelConfig, place_args: tuple[str, str] = ("auto", "auto")
     if cfg.vision.weights and cfg.vision.kind == "eva":
         fill(model, vision_weights(cfg.vision.weights), place, allow_missing=("",), strict=False,
              source=cfg.vision.weights)
+    if initialize and cfg.qformer.init_from:
+        fill(model, bert_weights(cfg.qformer.init_from, cfg.qformer.vocab_size), place, allow_missing=("",),
+             strict=False, source=cfg.qformer.init_from)
     if initialize:
         materialize(model)  # whatever no source provided: trainable parts, or the tower when it is random
     return model
+
+
+def bert_weights(source: str, vocab_size: int) -> Iterable[tuple[str, Tensor]]:
+    """The Q-Former's starting point, as LAVIS builds it (spec §3.1-3.2): BERT's embeddings, self-attention and
+    FFN, the FFN copied into the query FFN, BERT's MLM head as the ITG head, the vocabulary grown for [DEC]
+    (new rows: the mean embedding). Cross-attention stays randomly initialised."""
+    path = Path(source)
+    directory = path if path.is_dir() else download(source)
+    files = checkpoint_files(directory)
+    if not files:
+        raise UsageError(f"model.qformer.init_from: no BERT weights in {directory}")
+    for name, tensor in iter_tensors(files):
+        name = name.removeprefix("bert.")
+        if name.startswith("cls.predictions.") and not name.endswith("decoder.weight"):
+            ours = "qformer." + name
+        elif name.startswith(("embeddings.word_embeddings.", "embeddings.position_embeddings.",
+                              "embeddings.LayerNorm.", "encoder.layer.")):
+            ours = "qformer." + name
+        else:
+            continue  # pooler, token types, decoder (tied)
+        if ours.endswith(("word_embeddings.weight", "predictions.bias")) and tensor.shape[0] < vocab_size:
+            extra = tensor.mean(0, keepdim=True).expand(vocab_size - tensor.shape[0], *tensor.shape[1:])
+            tensor = torch.cat((tensor, extra))
+        yield ours, tensor
+        for text_ffn in (".intermediate.", ".output."):  # queries start from a copy of BERT's FFN
+            if text_ffn in ours and ".attention." not in ours:
+                yield ours.replace(text_ffn, text_ffn[:-1] + "_query."), tensor
 
 
 def _llm_weights(name: str) -> Iterable[tuple[str, Tensor]]:

@@ -1,0 +1,104 @@
+"""Peak resident memory while loading a ~1B-parameter BLIP-2 checkpoint, against its size on disk.
+
+    python benchmarks/load_memory.py            # ViT-g/14 + BERT-base Q-Former retrieval model, ~1.1B params
+    python benchmarks/load_memory.py --small    # a quick run on a narrower model
+
+A random checkpoint in Hugging Face format (Blip2ForImageTextRetrieval layout, safetensors, fp32) is written once
+under .bench/. Each measurement runs in a fresh process and reads its own peak RSS (ru_maxrss, which counts
+memory-mapped file pages once touched): after imports (baseline), after loading, and after one forward pass that
+touches every weight. transformers' `from_pretrained` on the same files is measured the same way as the baseline
+implementation. Target (issue #2): our peak while loading <= 1.25x the checkpoint's size on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_checkpoint(out: Path, small: bool) -> Path:
+    """Random weights for every tensor of the HF model, written without building the model for real."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerConfig
+
+    if (out / "model.safetensors").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    vision = dict(hidden_size=704, intermediate_size=3072, num_hidden_layers=12) if small else {}
+    config = Blip2Config(vision_config=vision, qformer_config=Blip2QFormerConfig(vocab_size=30523,
+                         use_qformer_text_input=True).to_dict(), architectures=["Blip2ForImageTextRetrieval"])
+    with init_empty_weights():
+        model = Blip2ForImageTextRetrieval(config)
+    g = torch.Generator().manual_seed(0)
+    state = {n: torch.randn(p.shape, generator=g) * 0.02 for n, p in model.state_dict().items()
+             if not n.endswith("position_ids")}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out)
+    sys.path.insert(0, str(ROOT))
+    from tests.tiny import bert_tokenizer
+
+    bert_tokenizer(out)
+    AutoTokenizer.from_pretrained(out)  # sanity
+    return out
+
+
+PROBE = r"""
+import json, resource, sys, torch, transformers
+import blip2cli.model.load as L
+def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+which, path = sys.argv[1], sys.argv[2]
+base = rss()
+if which == "ours":
+    m = L.load_model(path, "cpu", "float32")
+    loaded = rss()
+    with torch.no_grad():
+        e = m.vision_embeds(torch.randn(1, 3, m.cfg.vision.image_size, m.cfg.vision.image_size))
+        m.itm_logits(e, ["a photo"])
+else:
+    m = transformers.Blip2ForImageTextRetrieval.from_pretrained(path, dtype=torch.float32)
+    loaded = rss()
+    size = m.config.vision_config.image_size
+    with torch.no_grad():
+        tok = transformers.AutoTokenizer.from_pretrained(path)("a photo", return_tensors="pt")
+        m(pixel_values=torch.randn(1, 3, size, size), input_ids=tok.input_ids, attention_mask=tok.attention_mask,
+          use_image_text_matching_head=True)
+forward = rss()
+print(json.dumps({"baseline": base, "loaded": loaded, "forward": forward,
+                  "params": sum(p.numel() for p in m.parameters())}))
+"""
+
+
+def measure(which: str, path: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, which, str(path)], capture_output=True, text=True,
+                         cwd=ROOT, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONWARNINGS": "ignore",
+                                        "OMP_NUM_THREADS": "2"})
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="a ~0.2B model for a quick check")
+    args = parser.parse_args()
+    path = make_checkpoint(ROOT / ".bench" / ("load-memory-small" if args.small else "load-memory-1b"), args.small)
+    size = (path / "model.safetensors").stat().st_size
+    gib = 1024**3
+    print(f"checkpoint: {size / gib:.2f} GiB on disk")
+    for which in ("ours", "transformers"):
+        r = measure(which, path)
+        print(f"{which:>12}: {r['params'] / 1e9:.2f}B params | baseline {r['baseline'] / gib:.2f} GiB | "
+              f"peak after load {r['loaded'] / gib:.2f} GiB = {r['loaded'] / size:.2f}x disk "
+              f"(+{(r['loaded'] - r['baseline']) / size:.2f}x over baseline) | after a forward pass "
+              f"{r['forward'] / gib:.2f} GiB = {r['forward'] / size:.2f}x disk")
+
+
+if __name__ == "__main__":
+    main()
