@@ -74,10 +74,11 @@ def test_lavis_json_string_ids_share_an_index_and_lists_are_sampled(tmp_path: Pa
 
 def test_jsonl_captions_with_int_ids_and_default_image_root(tmp_path: Path) -> None:
     _images(tmp_path, "x.jpg", "y.jpg")
-    lines = [{"image": "x.jpg", "caption": "An X.", "image_id": 70}, {"image": "y.jpg", "caption": "A Y", "image_id": 71}]
+    lines = [{"image": "x.jpg", "caption": "An X.", "image_id": 70},
+             {"image": "y.jpg", "caption": "A Y", "image_id": 7}]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
     dataset = build_dataset(DatasetSpec("jsonl", str(tmp_path / "train.jsonl")))
-    assert [(dataset[i]["text"], dataset[i]["image_id"]) for i in range(2)] == [("an x", 70), ("a y", 71)]
+    assert [(dataset[i]["text"], dataset[i]["image_id"]) for i in range(2)] == [("an x", 70), ("a y", 7)]
 
 
 def test_jsonl_questions(tmp_path: Path) -> None:
@@ -118,7 +119,8 @@ def test_folder_with_sidecars(tmp_path: Path) -> None:
 def test_bad_image_is_skipped_with_a_warning(tmp_path: Path) -> None:
     _images(tmp_path, "good.jpg")
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    ann = _write_json(tmp_path / "ann.json", [{"image": "good.jpg", "caption": "g"}, {"image": "bad.jpg", "caption": "b"}])
+    rows = [{"image": "good.jpg", "caption": "g"}, {"image": "bad.jpg", "caption": "b"}]
+    ann = _write_json(tmp_path / "ann.json", rows)
     dataset = build_dataset(DatasetSpec("lavis_json", str(ann)))
     with pytest.warns(SkippedSampleWarning, match="skipping sample: not an image: .*bad.jpg"):
         sample = dataset[1]
@@ -223,3 +225,13 @@ def test_tar_member_names_never_touch_the_disk(tmp_path: Path, monkeypatch: pyte
     samples, _ = _collect(DatasetSpec("webdataset", str(work / "evil.tar"), shuffle=0))
     assert [s["text"] for s in samples] == ["escape"]
     assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_empty_caption_list_and_broken_coco(tmp_path: Path) -> None:
+    _images(tmp_path, "a.jpg")
+    ann = _write_json(tmp_path / "ann.json", [{"image": "a.jpg", "caption": []}])
+    with pytest.raises(UsageError, match="empty 'caption' list for image a.jpg"):
+        build_dataset(DatasetSpec("lavis_json", str(ann)))
+    coco = _write_json(tmp_path / "coco.json", {"images": [{"id": 1}], "annotations": []})
+    with pytest.raises(UsageError, match=r"coco.json images\[0\]: missing 'file_name'"):
+        build_dataset(DatasetSpec("coco", str(coco)))

@@ -51,7 +51,8 @@ def test_eval_pixels_matches_transformers_pil_processor() -> None:
 def test_eval_pixels_hand_values() -> None:
     """A flat colour survives bicubic resizing exactly, so each channel is (v/255 - mean) / std."""
     pixels = eval_pixels([Image.new("RGB", (50, 30), (255, 0, 128))], 8)
-    expected = [(1.0 - CLIP_MEAN[0]) / CLIP_STD[0], -CLIP_MEAN[1] / CLIP_STD[1], (128 / 255 - CLIP_MEAN[2]) / CLIP_STD[2]]
+    rgb = (1.0, 0.0, 128 / 255)
+    expected = [(v - m) / s for v, m, s in zip(rgb, CLIP_MEAN, CLIP_STD)]
     assert pixels.shape == (1, 3, 8, 8)
     assert torch.allclose(pixels[0, :, 4, 4], torch.tensor(expected), atol=1e-6)
     assert torch.allclose(pixels, pixels[:, :, :1, :1].expand_as(pixels))

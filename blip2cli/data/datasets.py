@@ -199,7 +199,7 @@ def _caption_records(rows: list[dict], image_root: Path) -> list[Record]:
 
 def _question_records(rows: list[dict], image_root: Path) -> list[Record]:
     return [
-        Record(image_root / row["image"], image_id, question=str(row["question"]), answers=_texts(row["answers"], row, "answers"))
+        Record(image_root / row["image"], image_id, (), str(row["question"]), _texts(row["answers"], row, "answers"))
         for row, image_id in zip(rows, _image_ids(rows))
     ]
 

@@ -60,6 +60,8 @@ def score_captions(
         out.official = False
         out.warnings.append(f"{java}; METEOR and SPICE dropped, and a regex tokenizer stands in for Java's PTB "
                             "tokenizer: these scores are NOT official")  # fmt: skip
+    if "CIDEr" in metrics and len(ids) < 2:
+        out.warnings.append("CIDEr takes its IDF from the evaluated references: with one image it is always 0")
     tokenized = (fallback_tokenize if java else ptb_tokenize)(
         {**{("ref", k): list(refs[k]) for k in ids}, **{("pred", k): [preds[k]] for k in ids}}
     )
@@ -147,7 +149,7 @@ def _mean(values: Any) -> float:
 def _package_dir(sub: str) -> Path:
     import pycocoevalcap
 
-    return Path(list(pycocoevalcap.__path__)[0]) / sub
+    return Path(next(iter(pycocoevalcap.__path__))) / sub
 
 
 def java_problem() -> str | None:
@@ -165,7 +167,15 @@ def ptb_tokenize(captions: Mapping[K, Sequence[str]]) -> dict[K, list[str]]:
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as fh:
         fh.write("\n".join(lines))
     try:
-        cmd = ["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", fh.name]
+        cmd = [
+            "java",
+            "-cp",
+            str(jar),
+            "edu.stanford.nlp.process.PTBTokenizer",
+            "-preserveLines",
+            "-lowerCase",
+            fh.name,
+        ]
         proc = subprocess.run(cmd, capture_output=True, check=False)
     finally:
         Path(fh.name).unlink(missing_ok=True)

@@ -77,13 +77,17 @@ def read_caption_annotations(path: Path) -> CaptionSet:
     refs: dict[int, list[str]] = {}
     for ann in data["annotations"]:
         if not (isinstance(ann, dict) and isinstance(ann.get("caption"), str) and "image_id" in ann):
-            raise UsageError(f"{path}: not a COCO caption file (annotations need image_id and caption){_guess_kind(data)}")
+            raise UsageError(
+                f"{path}: not a COCO caption file (annotations need image_id and caption){_guess_kind(data)}"
+            )
         refs.setdefault(ann["image_id"], []).append(ann["caption"])
     if not refs:
         raise UsageError(f"{path}: the caption file has no annotations")
     unknown = [i for i in refs if i not in images]
     if unknown and images:
-        raise UsageError(f"{path}: {len(unknown)} annotations refer to image ids missing from `images` (e.g. {unknown[0]})")
+        raise UsageError(
+            f"{path}: {len(unknown)} annotations refer to image ids missing from `images` (e.g. {unknown[0]})"
+        )
     files = {i: _coco_image_candidates(i, images.get(i, {}).get("file_name")) for i in refs}
     domains = {i: images[i]["domain"] for i in refs if "domain" in images.get(i, {})}
     return CaptionSet(refs=refs, files=files, domains=domains)
@@ -135,13 +139,13 @@ def check_same_ids(predicted: set[Any], annotated: set[Any], pred_path: Path, an
     if extra:
         raise UsageError(
             f"{pred_path}: {len(extra)} predictions are for {what}s not in {ann_path} "
-            f"(e.g. {sorted(extra, key=str)[0]}): wrong --annotations file?"
+            f"(e.g. {min(extra, key=str)}): wrong --annotations file?"
         )
     missing = annotated - predicted
     if missing:
         raise UsageError(
             f"{pred_path}: no prediction for {len(missing)} of {len(annotated)} {what}s in {ann_path} "
-            f"(e.g. {sorted(missing, key=str)[0]})"
+            f"(e.g. {min(missing, key=str)})"
         )
 
 
@@ -190,7 +194,10 @@ def read_retrieval_predictions(path: Path, n_images: int, n_texts: int) -> tuple
 def _lavis_items(path: Path, data: list[Any]) -> list[dict[str, Any]]:
     ok = all(isinstance(d, dict) and isinstance(d.get("image"), str) and "caption" in d for d in data)
     if not data or not ok:
-        raise UsageError(f"{path}: not a LAVIS annotation list (expected [{{image, caption}}]){_guess_kind(data)}")
+        raise UsageError(
+            f"{path}: not a COCO caption file ({{images, annotations}}) nor a LAVIS list ([{{image, caption}}])"
+            + _guess_kind(data)
+        )
     return data
 
 
@@ -220,7 +227,9 @@ def read_vqa(annotations: Path | None, questions: Path | None) -> list[VqaItem]:
     data = read_json(annotations, "a VQA annotation file ({annotations: [...]})")
     anns = data.get("annotations") if isinstance(data, dict) else None
     if not (isinstance(anns, list) and anns and all(isinstance(a, dict) and "answers" in a for a in anns)):
-        raise UsageError(f"{annotations}: not a VQA annotation file (expected {{annotations: [{{answers}}]}}){_guess_kind(data)}")
+        raise UsageError(
+            f"{annotations}: not a VQA annotation file (expected {{annotations: [{{answers}}]}}){_guess_kind(data)}"
+        )
     subtype = str(data.get("data_subtype", "val2014"))
     items = {
         a["question_id"]: VqaItem(
@@ -243,7 +252,9 @@ def _attach_questions(items: dict[QuestionId, VqaItem], path: Path, annotations:
     data = read_json(path, "a VQA question file ({questions: [...]})")
     qs = data.get("questions") if isinstance(data, dict) else None
     if not (isinstance(qs, list) and all(isinstance(q, dict) and "question" in q and "question_id" in q for q in qs)):
-        raise UsageError(f"{path}: not a VQA question file (expected {{questions: [{{question_id, question}}]}}){_guess_kind(data)}")
+        raise UsageError(
+            f"{path}: not a VQA question file (expected {{questions: [{{question_id, question}}]}}){_guess_kind(data)}"
+        )
     by_id = {q["question_id"]: q["question"] for q in qs}
     missing = [qid for qid in items if qid not in by_id]
     if missing:
@@ -262,11 +273,15 @@ def _vqa_image_candidates(image_id: int, subtype: str) -> list[str]:
 def read_gqa(path: Path) -> list[VqaItem]:
     """GQA balanced test-dev questions: `{qid: {imageId, question, answer, ...}}`."""
     data = read_json(path, "a GQA question file ({qid: {imageId, question, answer}})")
-    ok = isinstance(data, dict) and data and all(
-        isinstance(q, dict) and {"imageId", "question", "answer"} <= q.keys() for q in data.values()
+    ok = (
+        isinstance(data, dict)
+        and data
+        and all(isinstance(q, dict) and {"imageId", "question", "answer"} <= q.keys() for q in data.values())
     )
     if not ok:
-        raise UsageError(f"{path}: not a GQA question file (expected {{qid: {{imageId, question, answer}}}}){_guess_kind(data)}")
+        raise UsageError(
+            f"{path}: not a GQA question file (expected {{qid: {{imageId, question, answer}}}}){_guess_kind(data)}"
+        )
     return [
         VqaItem(question_id=str(qid), image_id=q["imageId"], question=q["question"], answers=[q["answer"]],
                 images=[f"{q['imageId']}.jpg", f"images/{q['imageId']}.jpg"])

@@ -33,7 +33,9 @@ def itc_scores(image_feats: Tensor, text_feats: Tensor, chunk: int = 256) -> Ten
 def rerank_scores(itc: Tensor, itm_fn: ItmFn, k: int, show_progress: bool = False) -> tuple[Tensor, Tensor]:
     """The two-stage scores: i2t (I, T) and t2i (T, I), ITM + ITC on each row's top k by ITC, -100 elsewhere."""
     i2t = _rerank_rows(itc, lambda row, cols: itm_fn(torch.full_like(cols, row), cols), k, show_progress, "image→text")
-    t2i = _rerank_rows(itc.T, lambda row, cols: itm_fn(cols, torch.full_like(cols, row)), k, show_progress, "text→image")
+    t2i = _rerank_rows(
+        itc.T, lambda row, cols: itm_fn(cols, torch.full_like(cols, row)), k, show_progress, "text→image"
+    )
     return i2t, t2i
 
 
@@ -112,7 +114,9 @@ def retrieval_scores(
     device = model.device
     with torch.inference_mode():
         text_chunks = [list(texts[i : i + text_batch_size]) for i in range(0, len(texts), text_batch_size)]
-        text_feats = torch.cat([model.text_features(c).float() for c in progress(text_chunks, len(text_chunks), "texts")])
+        text_feats = torch.cat(
+            [model.text_features(c).float() for c in progress(text_chunks, len(text_chunks), "texts")]
+        )
         feats, embeds = [], []
         image_chunks = [list(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         for chunk in progress(image_chunks, len(image_chunks), "images"):

@@ -26,7 +26,7 @@ from typing import Any, Literal
 Normalize = Literal["official", "lavis"]
 QuestionId = int | str
 
-PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"  # apostrophes, colons, # $ % & * survive
+PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'  # apostrophes, colons, # $ % & * survive
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 _PERIOD = re.compile(r"\.(?!\d)")
 _MAX_PERIODS = 32  # upstream passes re.UNICODE (= 32) where the count goes
@@ -140,7 +140,7 @@ def score_vqa(
     return VqaScores(
         n=len(per_question),
         accuracy=_percent(per_question.values()),
-        answer_types=_grouped(per_question, answer_types or {}),
+        answer_types=dict(sorted(_grouped(per_question, answer_types or {}).items(), key=_answer_type_order)),
         question_types=_grouped(per_question, question_types or {}),
     )
 
@@ -154,6 +154,11 @@ def score_gqa(answers: Mapping[QuestionId, str], predictions: Mapping[QuestionId
 def _percent(values: Iterable[float]) -> float:
     values = list(values)
     return round(100 * sum(values) / len(values), 2) if values else 0.0
+
+
+def _answer_type_order(item: tuple[str, float]) -> tuple[int, str]:
+    order = ("yes/no", "number", "other")  # the official report's order
+    return (order.index(item[0]) if item[0] in order else len(order), item[0])
 
 
 def _grouped(per_question: Mapping[QuestionId, float], groups: Mapping[QuestionId, str]) -> dict[str, float]:
@@ -215,7 +220,9 @@ def answer_questions(
     from blip2cli.eval import run_resumable
 
     def predict(batch: list[tuple[QuestionId, Path, str]]) -> list[dict[str, Any]]:
-        pixels = pixels_fn([image for _, image, _ in batch]).to(model.device)
+        unique = list(dict.fromkeys(image for _, image, _ in batch))  # VQAv2 asks ~5 questions per image
+        rows = [unique.index(image) for _, image, _ in batch]
+        pixels = pixels_fn(unique)[rows].to(model.device)
         with torch.inference_mode():
             texts = model.generate(pixels, [prompt for _, _, prompt in batch], options)
         records = []
