@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from blip2cli.errors import UsageError
-from blip2cli.model import load as L
+from blip2cli.model import names as N
 from blip2cli.model.export import export_hf
+from blip2cli.model.lavis import load_lavis
 from blip2cli.model.load import load_model
 from blip2cli.model.weights import read_safetensors
 from tests import tiny
@@ -25,23 +26,23 @@ def test_name_tables_round_trip(tiny_retrieval_model_dir):
     for name in names:
         if name == "qformer.cls.predictions.decoder.weight" or name.endswith("k_bias"):
             continue  # tied copy; the zero key bias (LAVIS has none, HF fuses it)
-        lavis = L.ours_to_lavis(name)
-        assert lavis is not None and L.lavis_to_ours(lavis) == name, name
-        hf = L.ours_to_hf(name)
+        lavis = N.ours_to_lavis(name)
+        assert lavis is not None and N.lavis_to_ours(lavis) == name, name
+        hf = N.ours_to_hf(name)
         if name == "temp" or name.startswith("qformer.cls."):
             assert hf is None  # HF has no place for them: the sidecar keeps them
         elif not name.endswith(("q_bias", "v_bias")):
-            assert L.hf_to_ours(hf) == name, name
+            assert N.hf_to_ours(hf) == name, name
     hf_names = set(read_safetensors(tiny_retrieval_model_dir / "model.safetensors"))
-    mapped = {L.hf_to_ours(n) for n in hf_names if not n.endswith("position_ids")}
+    mapped = {N.hf_to_ours(n) for n in hf_names if not n.endswith("position_ids")}
     assert None not in mapped  # every HF weight has a home
 
 
 def test_qkv_bias_split_and_fuse_round_trip():
     fused = {"vision.tower.blocks.0.attn.qkv.bias": torch.arange(12.0)}
-    split = L.split_qkv_biases(fused)
+    split = N.split_qkv_biases(fused)
     assert torch.equal(split["vision.tower.blocks.0.attn.k_bias"], torch.arange(4.0, 8.0))
-    assert torch.equal(L.fuse_qkv_biases(split)["vision.tower.blocks.0.attn.qkv.bias"], torch.arange(12.0))
+    assert torch.equal(N.fuse_qkv_biases(split)["vision.tower.blocks.0.attn.qkv.bias"], torch.arange(12.0))
 
 
 def test_lavis_stage1_file_with_separate_vision(tmp_path, tiny_retrieval_model_dir):
@@ -49,7 +50,7 @@ def test_lavis_stage1_file_with_separate_vision(tmp_path, tiny_retrieval_model_d
     model = load_model(str(tiny_retrieval_model_dir), "cpu", "float32")
     with torch.no_grad():
         model.temp.fill_(0.05)
-    state = {L.ours_to_lavis(k): v for k, v in model.state_dict().items()
+    state = {N.ours_to_lavis(k): v for k, v in model.state_dict().items()
              if not k.startswith("vision.") and not k.endswith("decoder.weight")}
     pth = tmp_path / "blip2_pretrained.pth"
     torch.save({"model": state}, pth)
@@ -57,7 +58,7 @@ def test_lavis_stage1_file_with_separate_vision(tmp_path, tiny_retrieval_model_d
     model.tokenizer.save_pretrained(tmp_path / "tok")
     with pytest.raises(UsageError, match="no vision weights"):
         load_model(str(pth), "cpu", "float32")
-    lavis = L.load_lavis(pth, ("cpu", "float32"), str(pth), str(tiny_retrieval_model_dir), None,
+    lavis = load_lavis(pth, ("cpu", "float32"), str(pth), str(tiny_retrieval_model_dir), None,
                          tokenizer=str(tmp_path / "tok"))
     assert lavis.temp.item() == pytest.approx(0.05)
     assert lavis.ln_vision.eps == 1e-5  # LAVIS's ln_vision eps; HF's is 1e-6 (spec §2.1)

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from blip2cli.model.blip2 import Blip2
-from blip2cli.model.load import SIDECAR, fuse_qkv_biases, ours_to_hf
+from blip2cli.model.load import SIDECAR
+from blip2cli.model.names import fuse_qkv_biases, ours_to_hf
 from blip2cli.model.weights import save_safetensors
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +23,8 @@ from blip2cli.config import LLMConfig, ModelConfig, QFormerConfig, VisionConfig,
 from blip2cli.errors import UsageError
 from blip2cli.model.blip2 import Blip2
 from blip2cli.model.llm import FrozenLLM
+from blip2cli.model.names import DROPPED, hf_to_ours, lavis_to_ours, split_qkv_biases
+from blip2cli.model.placement import Placement, _target_dtype, placement
 from blip2cli.model.vision import interpolate_pos_embed
 from blip2cli.model.weights import checkpoint_files, iter_tensors, read_safetensors, safe_torch_load
 
@@ -36,180 +38,6 @@ RUN_WEIGHTS = "model.safetensors"  # trainable weights of a training output, bes
 RUN_RECIPE = "recipe.yaml"
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 LLM_TOKENIZER_DIR = "llm_tokenizer"
-
-# ---------------------------------------------------------------------------------------------------------------
-# Weight-name tables: (source prefix, our prefix), first match wins. Ours follow LAVIS without `Qformer.bert`.
-
-HF_TO_OURS: tuple[tuple[str, str], ...] = (
-    ("vision_model.embeddings.class_embedding", "vision.tower.cls_token"),
-    ("vision_model.embeddings.position_embedding", "vision.tower.pos_embed"),
-    ("vision_model.embeddings.patch_embedding.", "vision.tower.patch_embed.proj."),
-    ("vision_model.post_layernorm.", "ln_vision."),
-    ("vision_model.encoder.layers.", "vision.tower.blocks."),
-    ("qformer.layernorm.", "qformer.embeddings.LayerNorm."),
-    ("qformer.encoder.", "qformer.encoder."),
-    ("embeddings.word_embeddings.", "qformer.embeddings.word_embeddings."),
-    ("embeddings.position_embeddings.", "qformer.embeddings.position_embeddings."),
-    ("query_tokens", "query_tokens"),
-    ("vision_projection.", "vision_proj."),
-    ("text_projection.", "text_proj."),
-    ("itm_head.", "itm_head."),
-    ("language_projection.", "llm_proj."),
-    ("language_model.", "llm.model."),
-)
-# Inside a vision block and a Q-Former layer the names differ only in these pieces.
-HF_BLOCK_TO_OURS = ((".layer_norm1.", ".norm1."), (".layer_norm2.", ".norm2."), (".self_attn.qkv.", ".attn.qkv."),
-                    (".self_attn.projection.", ".attn.proj."))
-HF_QFORMER_TO_OURS = ((".attention.attention.", ".attention.self."), (".crossattention.attention.", ".crossattention.self."))
-
-LAVIS_TO_OURS: tuple[tuple[str, str], ...] = (
-    ("visual_encoder.", "vision.tower."),
-    ("Qformer.bert.", "qformer."),
-    ("Qformer.cls.", "qformer.cls."),
-    ("opt_proj.", "llm_proj."),
-    ("t5_proj.", "llm_proj."),
-    ("ln_vision.", "ln_vision."),
-    ("query_tokens", "query_tokens"),
-    ("vision_proj.", "vision_proj."),
-    ("text_proj.", "text_proj."),
-    ("itm_head.", "itm_head."),
-    ("temp", "temp"),
-)
-DROPPED = re.compile(r"(position_ids|cls\.predictions\.decoder\.weight)$")  # buffers and the tied LM decoder
-
-
-def _rename(name: str, table: Iterable[tuple[str, str]]) -> str | None:
-    for src, dst in table:
-        if name.startswith(src):
-            return dst + name[len(src):]
-    return None
-
-
-def hf_to_ours(name: str) -> str | None:
-    """A Hugging Face BLIP-2 weight name -> ours (None: not a BLIP-2 weight)."""
-    ours = _rename(name, HF_TO_OURS)
-    if ours is None:
-        return None
-    pieces = HF_BLOCK_TO_OURS if ours.startswith("vision.tower.blocks.") else HF_QFORMER_TO_OURS
-    if ours.startswith(("vision.tower.blocks.", "qformer.encoder.")):
-        for src, dst in pieces:
-            ours = ours.replace(src, dst)
-    return ours
-
-
-def lavis_to_ours(name: str) -> str | None:
-    return _rename(name, LAVIS_TO_OURS)
-
-
-def ours_to_hf(name: str) -> str | None:
-    """Ours -> Hugging Face (export). None for what HF has no place for (temp, the ITG head)."""
-    if name == "temp" or name.startswith("qformer.cls.") or name.endswith(".k_bias"):
-        return None
-    inverse = tuple((dst, src) for src, dst in HF_TO_OURS)
-    if name.startswith("vision.tower.blocks."):
-        for src, dst in HF_BLOCK_TO_OURS:
-            name = name.replace(dst, src)
-    if name.startswith("qformer.encoder."):
-        for src, dst in HF_QFORMER_TO_OURS:
-            name = name.replace(dst, src)
-    return _rename(name, inverse)
-
-
-def ours_to_lavis(name: str, llm_family: str = "opt") -> str | None:
-    inverse = tuple((dst, src) for src, dst in LAVIS_TO_OURS if src != ("t5_proj." if llm_family == "opt" else "opt_proj."))
-    if name.startswith("llm.") or name.endswith(".k_bias"):
-        return None
-    return _rename(name, inverse)
-
-
-def split_qkv_biases(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """HF's fused qkv bias -> q_bias, k_bias, v_bias thirds (ours keeps k as a fixed buffer, spec §9.2)."""
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith(".attn.qkv.bias"):
-            q, k, v = tensor.chunk(3)
-            stem = name[: -len("qkv.bias")]
-            out[stem + "q_bias"], out[stem + "k_bias"], out[stem + "v_bias"] = q, k, v
-            if k.abs().max() > 0:
-                _warn(f"{name}: its key third is non-zero; keeping it as an explicit key bias")
-        else:
-            out[name] = tensor
-    return out
-
-
-def fuse_qkv_biases(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Ours -> HF: concat(q_bias, k_bias or 0, v_bias) as `qkv.bias`."""
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith(".attn.q_bias"):
-            stem = name[: -len("q_bias")]
-            k = state.get(stem + "k_bias", torch.zeros_like(tensor))
-            out[stem + "qkv.bias"] = torch.cat((tensor, k.to(tensor.dtype), state[stem + "v_bias"]))
-        elif not name.endswith((".attn.v_bias", ".attn.k_bias")):
-            out[name] = tensor
-    return out
-
-
-def _warn(message: str) -> None:
-    import warnings
-
-    warnings.warn(message, stacklevel=3)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Devices and precision
-
-
-@dataclass(frozen=True)
-class Placement:
-    device: torch.device
-    vision: torch.dtype  # frozen image tower
-    llm: torch.dtype  # frozen language model
-    # The Q-Former, query tokens, ln_vision and projections always stay fp32 (spec §5.5).
-
-
-def placement(device: str = "auto", dtype: str = "auto", t5: bool = False) -> Placement:
-    """Accelerate picks the device for "auto". Frozen towers: bf16 on GPUs that have it (else fp16), fp32 on
-    CPU (no fp16 LayerNorm there, spec §5.5). Flan-T5 is never fp16 (NaNs, transformers #23918)."""
-    if device == "auto":
-        from accelerate import PartialState
-
-        dev = PartialState().device
-    else:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise UsageError(f"--device: unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available on this machine")
-    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype == "auto":
-        if dev.type == "cuda":
-            tower = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            tower = torch.float32
-    elif dtype in names:
-        tower = names[dtype]
-    else:
-        raise UsageError(f"--dtype: expected auto, float32, float16 or bfloat16, got {dtype!r}")
-    llm = tower
-    if t5 and tower == torch.float16:
-        llm = torch.bfloat16 if dev.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float32
-        _warn("Flan-T5 does not run in float16 (it overflows): using " + str(llm).replace("torch.", ""))
-    return Placement(dev, tower, llm)
-
-
-def _target_dtype(name: str, tensor: Tensor, place: Placement) -> torch.dtype:
-    if not tensor.is_floating_point():
-        return tensor.dtype
-    if name.startswith("vision.tower."):
-        if re.search(r"\.norm\d\.", name):  # LayerNorms of the frozen tower stay fp32 (spec §2.1)
-            return torch.float32
-        return place.vision
-    if name.startswith("llm.model."):
-        return place.llm
-    return torch.float32
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building and filling the model
@@ -370,7 +198,7 @@ def load_hf_dir(path: Path, place_args: tuple[str, str], name: str) -> Blip2:
          allow_missing=allow, source=str(path))
     fresh = materialize(model)
     if fresh:
-        _warn("this Hugging Face checkpoint has no ITG head or temperature (HF has no place for them): "
+        warnings.warn("this Hugging Face checkpoint has no ITG head or temperature (HF has no place for them): "
               "temp = 0.07 and a fresh ITG head, fine for retrieval, not for ITG or Q-Former captions")
     return finish(model, place, name, _fingerprint(files))
 
@@ -549,87 +377,6 @@ def vision_weights(source: str) -> Iterable[tuple[str, Tensor]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# LAVIS .pth
-
-
-def load_lavis(path: Path, place_args: tuple[str, str], name: str, vision: str | None, llm: str | None,
-               tokenizer: str = "bert-base-uncased") -> Blip2:
-    """LAVIS checkpoints are partial state dicts under "model" (spec §9.1). Stage-1 files keep the ITG head and
-    temperature; the ViT comes from the file (fine-tuned ones) or from `vision`; the LLM from `llm`."""
-    raw = safe_torch_load(path)
-    state = raw.get("model", raw) if isinstance(raw, dict) else None
-    if not isinstance(state, dict) or "query_tokens" not in state:
-        raise UsageError(f"{path}: not a LAVIS BLIP-2 checkpoint (no query_tokens)")
-    has_vision = any(k.startswith("visual_encoder.") for k in state)
-    if not has_vision and not vision:
-        raise UsageError(f"{path} has no vision weights: name them with --vision (eva_vit_g.pth, or a BLIP-2 hub id "
-                         "such as Salesforce/blip2-itm-vit-g whose ViT is the same)")
-    cfg = _lavis_config(state, path, llm, vision)
-    if cfg.llm.enabled and not llm:
-        raise UsageError(f"{path} is a stage-2 checkpoint: name its frozen LLM with --llm (e.g. facebook/opt-2.7b)")
-    cfg = replace(cfg, vision=replace(cfg.vision, weights="" if has_vision else str(vision)),
-                  qformer=replace(cfg.qformer, tokenizer=tokenizer))
-    model = build_model(cfg, place_args, initialize=False)
-    place = placement(*place_args, t5=_is_t5(model))
-    ours = ((lavis_to_ours(n), t) for n, t in state.items())
-    expected_missing = ("vision.",) if not has_vision else ()
-    fill(model, ((n, t) for n, t in ours if n is not None and not DROPPED.search(n)), place,
-         allow_missing=expected_missing + ("llm.",), strict=True, source=str(path))
-    return finish(model, place, name, _fingerprint([path]))
-
-
-def _lavis_config(state: dict[str, Tensor], path: Path, llm: str | None, vision: str | None) -> ModelConfig:
-    """Shapes in a LAVIS file -> ModelConfig. Head counts are not stored: taken from the BLIP-2 directory named
-    as `vision` when there is one, else 64-wide heads as in BERT (12 for 768) and 16 for ViT-g (head dim 88)."""
-    if any(k.startswith("visual_encoder.transformer.") for k in state):
-        raise UsageError(f"{path}: a CLIP ViT-L LAVIS checkpoint; only EVA ViT-g LAVIS files are supported so far")
-    heads = None
-    if any(k.startswith("visual_encoder.") for k in state):
-        vcfg = _eva_config({k[len("visual_encoder."):]: v for k, v in state.items() if k.startswith("visual_encoder.")})
-    elif vision and (Path(vision).is_dir() or not Path(vision).exists()):
-        from transformers import Blip2Config
-
-        src = Path(vision) if Path(vision).is_dir() else download(vision)
-        reference = model_config_from_hf(Blip2Config.from_pretrained(src))
-        vcfg, heads = reference.vision, reference.qformer.num_heads
-    elif vision:
-        raw = safe_torch_load(Path(vision))
-        vcfg = _eva_config(raw.get("model", raw))
-    else:
-        vcfg = VisionConfig()
-    vcfg = replace(vcfg, ln_vision_eps=1e-5)  # LAVIS's ln_vision (spec §2.1)
-    queries = state["query_tokens"]
-    layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"Qformer\.bert\.encoder\.layer\.(\d+)\.", k))})
-    cross = [i for i in layers if f"Qformer.bert.encoder.layer.{i}.crossattention.self.query.weight" in state]
-    words = state.get("Qformer.bert.embeddings.word_embeddings.weight")
-    positions = state.get("Qformer.bert.embeddings.position_embeddings.weight")
-    proj = state.get("vision_proj.weight")
-    hidden = queries.shape[-1]
-    qcfg = QFormerConfig(
-        num_queries=queries.shape[1], hidden_size=hidden, num_layers=len(layers), num_heads=heads or max(hidden // 64, 1),
-        intermediate_size=state["Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
-        cross_attention_every=cross[1] - cross[0] if len(cross) > 1 else max(len(layers), 1), text=words is not None,
-        vocab_size=words.shape[0] if words is not None else 30523,
-        max_position_embeddings=positions.shape[0] if positions is not None else 512,
-        embed_dim=proj.shape[0] if proj is not None else 256,
-    )
-    is_stage2 = "opt_proj.weight" in state or "t5_proj.weight" in state
-    llm_cfg = LLMConfig(name=llm or "", eos_text="\n" if "opt_proj.weight" in state else "") if is_stage2 else LLMConfig()
-    return ModelConfig(vision=vcfg, qformer=qcfg, llm=llm_cfg)
-
-
-def _eva_config(state: dict[str, Tensor]) -> VisionConfig:
-    """EVA ViT dims from its weights (eva_vit_g.pth or LAVIS visual_encoder.*); BLIP-2 keeps 39 of 40 blocks."""
-    width = state["cls_token"].shape[-1]
-    blocks = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
-    patch = state["patch_embed.proj.weight"].shape[-1]
-    grid = int((state["pos_embed"].shape[1] - 1) ** 0.5)
-    return VisionConfig(width=width, depth=39 if blocks == 40 else blocks, heads=16 if width == 1408 else width // 64,
-                        mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0], patch_size=patch, image_size=grid * patch,
-                        qkv_bias="blocks.0.attn.q_bias" in state)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The entry point
 
 
@@ -649,6 +396,8 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", *, 
                          f"or {RUN_RECIPE} + {RUN_WEIGHTS} from blip2 pretrain/finetune)")
     if path.is_file():
         if path.suffix in (".pth", ".pt", ".bin"):
+            from blip2cli.model.lavis import load_lavis
+
             return load_lavis(path, args, name_or_path, vision, llm)
         raise UsageError(f"{path}: not a checkpoint file (expected a LAVIS .pth, or a model directory)")
     if _looks_like_hub_id(name_or_path):
