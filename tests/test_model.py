@@ -158,3 +158,12 @@ def test_timm_vision_tower_is_an_alternative(tmp_path):
     e = model.vision_embeds(torch.randn(2, 3, 32, 32))
     assert e.shape == (2, 5, 192) and not model.vision.training
     assert model.image_features(e).shape == (2, 4, 16)
+
+
+def test_stage1_multi_positive_mode_needs_integer_ids(stage1):
+    stage1.train()
+    texts = ["a dog running", "a dog on the beach", "two cats"]
+    out = stage1.stage1_loss(tiny.pixels(3), texts, image_ids=torch.tensor([7, 7, 9]))
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError):
+        stage1.stage1_loss(tiny.pixels(3), texts, image_ids=torch.tensor([7.0, 7.0, 9.0]))
