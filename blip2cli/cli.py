@@ -95,7 +95,9 @@ GenSampleOpt = Annotated[
     bool, typer.Option("--sample", help="Nucleus sampling (top-p 0.9, temperature 1) instead of beam search.")
 ]
 GenTopPOpt = Annotated[float | None, typer.Option("--top-p", help="Sampling nucleus mass (implies --sample).")]
-GenTemperatureOpt = Annotated[float | None, typer.Option("--temperature", help="Sampling temperature (implies --sample).")]
+GenTemperatureOpt = Annotated[
+    float | None, typer.Option("--temperature", help="Sampling temperature (implies --sample).")
+]
 GenSeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed the sampler, for repeatable samples.")]
 
 
@@ -133,8 +135,8 @@ def caption(
 ) -> None:
     """Caption images: files, folders (recursed) and globs.
 
-    Decoding follows the paper (spec §6): beam search, 5 beams, at most 30 new tokens and at least min_length 8
-    counting the prompt with BOS (7 new tokens without a prompt, 4 after "a photo of"; Flan-T5 7). Stage-1 models
+    Decoding follows the BLIP-2 paper: beam search, 5 beams, at most 30 new tokens and at least min_length 8
+    counting the prompt with BOS (7 new tokens without a prompt, 4 after "a photo of" on OPT; Flan-T5 7). Stage-1 models
     caption with the Q-Former: 3 beams, 29 new tokens, at least 9. --sample, --top-p or --temperature switch to
     nucleus sampling (one beam, so not with --num-beams); each flag overrides its default.
 
@@ -149,6 +151,8 @@ def caption(
     from blip2cli.render import console, emit, error, progress, table, warn
 
     paths = expand_inputs(inputs)
+    if out is not None and out.is_dir():
+        raise UsageError(f"--out: {out} is a folder; give a file such as {out / 'captions.jsonl'}")
     decoding = job.Decoding(num_beams, max_new_tokens, min_new_tokens, sample, top_p, temperature, num_captions)
     decoding.apply(GenerationOptions())  # contradictory flags fail now, not after loading the model
     done = job.read_done(out, lambda r: job.image_key(r["image"]) if "image" in r else None) if out else set()
@@ -260,7 +264,7 @@ def ask(
     file of questions (--batch).
 
     Questions are cleaned as BLIP-2 was trained (lower case, punctuation dropped) and put in the template.
-    Decoding follows the paper's zero-shot VQA (spec §6): 5 beams, at most 10 new tokens, length penalty -1 for
+    Decoding follows the paper's zero-shot VQA (as LAVIS runs it): 5 beams, at most 10 new tokens, length penalty -1 for
     Flan-T5 and 0 for OPT. --instruct uses 5 beams and up to 30 new tokens. --sample, --top-p or --temperature
     switch to nucleus sampling; each flag overrides its default. The answer never repeats the prompt.
 
@@ -289,6 +293,8 @@ def ask(
             raise UsageError(f"no such file: {image}")
         if Path(image).is_dir():
             raise UsageError(f"{image} is a folder: blip2 ask takes one image (or --batch FILE.jsonl)")
+    if out is not None and out.is_dir():
+        raise UsageError(f"--out: {out} is a folder; give a file such as {out / 'answers.jsonl'}")
     decoding = job.Decoding(num_beams, max_new_tokens, min_new_tokens, sample, top_p, temperature)
     decoding.apply(GenerationOptions())  # contradictory flags fail now, not after loading the model
     items = job.read_batch(batch) if batch is not None else None
@@ -324,7 +330,9 @@ def _ask_batch(net: Any, items: list[Any], template: str, instruct: bool, option
     from blip2cli import caption as job
     from blip2cli.render import console, emit, error, progress, table
 
-    key = lambda r: (job.image_key(r["image"]), r["question"]) if "question" in r and "image" in r else None  # noqa: E731
+    def key(record: dict[str, Any]) -> tuple[str, str] | None:
+        return (job.image_key(record["image"]), record["question"]) if "question" in record else None
+
     done = job.read_done(log.path, key) if log is not None and resume else set()
     todo = [i for i in items if isinstance(i, dict) or key(vars(i)) not in done]
     if len(todo) < len(items):
@@ -401,15 +409,15 @@ def index(
     index_dir: Annotated[Path, typer.Option("--index", help="Index folder: created, or updated incrementally.")],
     model: Annotated[
         str | None,
-        typer.Option("--model", help="Embedding model [default: the index's own, else Salesforce/blip2-itm-vit-g]."),
+        typer.Option("--model", help="Embedding model (default: the index's own, else Salesforce/blip2-itm-vit-g)."),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 32,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16.")] = "auto",
     index_key: Annotated[
         str | None,
-        typer.Option("--index-key", help="FAISS index: auto (by size) or [queries:|pooled:]FACTORY, e.g. "
-                     "pooled:IVF1024,PQ32x4fs. Kept for later runs."),
+        typer.Option("--index-key", help="FAISS index: auto (by size), or a faiss factory string with an optional "
+                     "queries: or pooled: prefix, e.g. pooled:IVF1024,PQ32x4fs. Kept for later runs."),
     ] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Threads decoding images ahead of the model.")] = 4,
     export: Annotated[
@@ -439,7 +447,8 @@ def index(
     if json_out:
         emit(record)
     else:
-        table(f"blip2 index {index_dir}", ["", "files"], [(k, v) for k, v in record.items() if k not in ("index", "failed")] + [("failed", len(report.failed))])
+        counts = [(k, record[k]) for k in ("added", "updated", "removed", "unchanged")]
+        table(f"blip2 index {index_dir}", ["", "files"], [*counts, ("failed", len(report.failed)), ("total", report.total)])
     if report.failed:
         raise typer.Exit(1)
 
@@ -458,7 +467,9 @@ def search(
     dedup: Annotated[
         float | None, typer.Option("--dedup", help="Drop near-duplicates (pooled cosine >= this, e.g. 0.94).")
     ] = None,
-    model: Annotated[str | None, typer.Option("--model", help="[default: the model the index was built with]")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model for the query (default: the one the index was built with).")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per ITM forward pass.")] = 32,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16.")] = "auto",
@@ -494,16 +505,79 @@ def search(
         table(f"blip2 search: {query if image is None else image}", ["rank", "score", "itc", "itm", "path"], rows)
 
 
-@command(app)
-def pretrain() -> None:
-    """Pretrain the Q-Former: stage 1 (ITC+ITM+ITG) or stage 2 (LM loss through a frozen LLM)."""
-    _not_built("pretrain")
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).", dir_okay=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe value: key.sub=value (a YAML scalar; repeatable), "
+                 "e.g. --set train.lr=1e-5 --set data.train[0].path=my.json."),
+]
+TrainOutOpt = Annotated[
+    Path | None, typer.Option("--out", help="Output folder (step-N/, final/, metrics.jsonl). Default: runs/RECIPE.")
+]
+ResumeOpt = Annotated[
+    str | None,
+    typer.Option("--resume", help="'auto': continue from the newest step folder in --out (or start fresh); "
+                 "or a step folder."),
+]
+MaxStepsOpt = Annotated[
+    int | None,
+    typer.Option("--max-steps", min=1, help="Stop after this optimizer step; the LR schedule still spans "
+                 "train.max_steps, so --resume continues it exactly."),
+]
+
+
+def _train(recipe: Path, sets: list[str], out: Path | None, resume: str | None, max_steps: int | None,
+           json_out: bool, stage: int | None) -> None:
+    """Shared body of pretrain and finetune: load and check the recipe, train, report."""
+    from blip2cli.config import load_recipe
+    from blip2cli.render import emit
+
+    loaded = load_recipe(recipe, [*sets, f"stage={stage}"] if stage else sets)
+    if stage is None and loaded.task == "pretrain":
+        raise UsageError(f"{recipe}: a pretraining recipe (task: pretrain): run it with `blip2 pretrain --stage "
+                         f"{loaded.stage}`")
+    out = out or Path("runs") / recipe.stem
+    from blip2cli.train.loop import run
+
+    step, main = run(loaded, out, resume, max_steps, emit if json_out else None)
+    if json_out and main:
+        emit({"out": str(out), "step": step})
 
 
 @command(app)
-def finetune() -> None:
-    """Fine-tune for captioning, retrieval or VQA."""
-    _not_built("finetune")
+def pretrain(
+    recipe: RecipeArg,
+    stage: Annotated[int, typer.Option("--stage", min=1, max=2, help="1: ITC + ITM + ITG on the Q-Former; "
+                                       "2: LM loss through the frozen LLM.")],
+    sets: SetOpt = None,
+    out: TrainOutOpt = None,
+    resume: ResumeOpt = None,
+    max_steps: MaxStepsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Pretrain the Q-Former: stage 1 (ITC + ITM + ITG) or stage 2 (LM loss through a frozen LLM).
+
+    Runs alone (one CPU or GPU) or under `accelerate launch` / `torchrun` (one process per GPU). Writes
+    OUT/step-N/ every train.save_every steps (each loadable with --model), OUT/final/, metrics.jsonl and
+    TensorBoard logs. --json prints one line per logging step and a last line {"out", "step"}.
+    """
+    _train(recipe, sets or [], out, resume, max_steps, json_out, stage)
+
+
+@command(app)
+def finetune(
+    recipe: RecipeArg,
+    sets: SetOpt = None,
+    out: TrainOutOpt = None,
+    resume: ResumeOpt = None,
+    max_steps: MaxStepsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fine-tune for captioning, retrieval or VQA (the recipe's `task`), usually from a pretrained `model.init`.
+
+    Same outputs and options as `blip2 pretrain`.
+    """
+    _train(recipe, sets or [], out, resume, max_steps, json_out, None)
 
 
 def _eval_model(name: str, device: str, dtype: str) -> tuple[Any, Callable[[list[Path]], Any]]:

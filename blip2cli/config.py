@@ -157,10 +157,17 @@ def from_dict(cls: type, raw: Any, path: str = "") -> Any:
             hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(names)})"
             raise UsageError(f"{dotted}: unknown key{hint}")
         kwargs[key] = _convert(hints[key], value, dotted)
+    required = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:
+        raise UsageError(f"{path + '.' if path else ''}{required[0]}: required key is missing")
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # a required field without default
-        raise UsageError(f"{path or 'recipe'}: {exc}") from None
+    except UsageError as exc:  # __post_init__ may name a bare field ("weight: ..."): give it its dotted path
+        message = str(exc)
+        if path and message.split(":", 1)[0] in names:
+            raise UsageError(f"{path}.{message}") from None
+        raise
 
 
 def to_dict(obj: Any) -> Any:
@@ -197,7 +204,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         raise UsageError(errors[0] if errors else f"{path}: unexpected {_describe(value)}")
     if origin is Literal:
         choices = get_args(tp)
-        if value not in choices:
+        if not any(value == c and type(value) is type(c) for c in choices):  # `true` is not the choice 1
             raise UsageError(f"{path}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
@@ -229,6 +236,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise UsageError(f"{path}: expected an integer, got {_describe(value)}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string: accept what float() accepts
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"{path}: expected a number, got {_describe(value)}")
         return float(value)
@@ -254,3 +266,284 @@ def model_config_from_yaml(path: Path) -> ModelConfig:
 
 
 _ = typing  # typing is imported for get_type_hints on string annotations
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training recipes: `blip2 pretrain --stage 1|2 RECIPE.yaml` and `blip2 finetune RECIPE.yaml`
+
+Task = Literal["pretrain", "caption", "retrieval", "vqa"]
+LM_TASKS = ("caption", "vqa")  # fine-tunes trained with the LLM loss; retrieval uses the stage-1 losses
+SOURCE_KINDS_WITH_IDS = ("coco", "lavis_json", "jsonl")  # annotation files carrying image ids
+
+
+@dataclass
+class DataSource:
+    """One data source: the fields of `data.datasets.DatasetSpec` (same names and defaults, a test keeps them in
+    step), checked here so a mistake is reported with its dotted key before anything loads."""
+
+    kind: Literal["coco", "lavis_json", "jsonl", "folder", "webdataset"]
+    path: str  # annotation file, folder, or shards (folder, glob, brace pattern); relative to the working directory
+    image_root: str = ""  # folder the annotation's image paths are relative to; "" = the annotation file's folder
+    weight: float = 1.0  # draws per epoch = round(weight * len(source)); webdataset: mixing probability
+    max_words: int = 50  # captions and questions are cut to this many words (spec §2.3)
+    resampled: bool = False  # webdataset: draw shards with replacement, endless (needs `size`)
+    shuffle: int = 1000  # webdataset: shuffle buffer over undecoded samples; 0 = off
+    size: int = 0  # webdataset: samples per epoch (sizes.json); needed for resampled shards and lavis_epoch
+
+    def __post_init__(self) -> None:
+        if self.weight <= 0:
+            raise UsageError(f"weight: expected a positive number, got {self.weight}")
+        if self.max_words < 1:
+            raise UsageError(f"max_words: expected at least 1, got {self.max_words}")
+        if self.shuffle < 0 or self.size < 0:
+            raise UsageError(f"{'shuffle' if self.shuffle < 0 else 'size'}: expected 0 or more")
+        if self.kind == "webdataset" and self.resampled and not self.size:
+            raise UsageError("size: resampled shards are endless; give the samples per epoch (e.g. from sizes.json)")
+
+
+@dataclass
+class DataConfig:
+    """What to train on and how images are prepared. The image size is `model.vision.image_size` (224 to
+    pretrain, 364 for COCO fine-tunes), the batch sizes are in `train`."""
+
+    train: list[DataSource] = field(default_factory=list)
+    val: list[DataSource] = field(default_factory=list)  # held out for the eval hook (validation loss)
+    augment: bool = True  # random resized crop + flip (spec §2.3); false = the eval resize, needed by feature_cache
+    randaugment: bool = False  # `blip_image_train`'s RandAugment (LAVIS's VG captions); needs augment
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range (LAVIS: 0.5-1.0)
+    question_template: str = "Question: {} Answer:"  # vqa: what the LLM reads (paper §4.3); {} = the question
+    num_workers: int = 4  # DataLoader worker processes per rank (0 = load in the training process)
+    val_batches: int = 20  # micro-batches per evaluation and rank
+
+    def __post_init__(self) -> None:
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise UsageError(f"crop_scale: expected 0 < low <= high <= 1, got {list(self.crop_scale)}")
+        if self.randaugment and not self.augment:
+            raise UsageError("randaugment: needs augment: true")
+        if "{}" not in self.question_template:
+            raise UsageError(f"question_template: must contain {{}} for the question, got {self.question_template!r}")
+        if self.num_workers < 0 or self.val_batches < 1:
+            raise UsageError("num_workers: expected 0 or more" if self.num_workers < 0 else "val_batches: expected >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (spec §7). Defaults are the paper's stage-1 values; recipes spell out every one of them."""
+
+    lr: float = 1e-4  # peak learning rate, reached after warm-up
+    min_lr: float = 1e-5  # cosine floor (maintainer, LAVIS #243: 1e-5 stage 1, 5e-5 stage 2)
+    warmup_lr: float = 1e-6  # learning rate at step 0, raised linearly to `lr`
+    warmup_steps: int = 2000
+    max_steps: int = 250_000  # optimizer steps; the cosine reaches min_lr here
+    global_batch_size: int = 1680  # samples per optimizer step over all processes
+    micro_batch_size: int = 105  # samples per forward pass and process; accumulation = global / (micro * world)
+    weight_decay: float = 0.05  # AdamW; not on biases and 1-D weights; temp and query_tokens are decayed
+    betas: tuple[float, float] = (0.9, 0.98)  # paper; LAVIS code defaults to (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 0.0  # clip the gradient norm; 0 = off (LAVIS never clips, spec §5.5)
+    schedule: Literal["cosine_step", "lavis_epoch"] = "cosine_step"  # paper (per step) or LAVIS (per epoch)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast for the trained parts and the frozen towers'
+    # dtype on GPUs; CPUs always run fp32 (no fp16 LayerNorm there, spec §5.5); Flan-T5 never runs fp16
+    grad_checkpointing: bool = False  # recompute the ViT blocks in the backward pass when the ViT is trained
+    lr_layer_decay: float = 1.0  # ViT block i gets lr * decay^(depth - i) when trained; inert in LAVIS (its
+    # schedulers overwrite every group's LR), honoured here: 1.0 reproduces LAVIS
+    multi_positive: bool = False  # ITC/ITM treat every caption of the same image as a positive (COCO retrieval)
+    save_every: int = 5000  # a step folder every N optimizer steps (and at the last step)
+    log_every: int = 50  # a metrics line every N optimizer steps
+    eval_every: int = 0  # validation loss on data.val every N steps; 0 = never
+    seed: int = 42
+    feature_cache: str = ""  # folder caching the frozen ViT's output per image (before ln_vision, which trains),
+    # so later epochs skip the ViT; needs data.augment: false and a frozen ViT; "" = off
+    keep_last: int = 0  # keep only the newest N step folders; 0 = keep all
+
+    def __post_init__(self) -> None:
+        positive = {"lr": self.lr, "max_steps": self.max_steps, "global_batch_size": self.global_batch_size,
+                    "micro_batch_size": self.micro_batch_size, "save_every": self.save_every,
+                    "log_every": self.log_every}
+        for name, value in positive.items():
+            if value <= 0:
+                raise UsageError(f"{name}: expected a positive number, got {value}")
+        for name in ("min_lr", "warmup_lr", "weight_decay", "max_grad_norm", "warmup_steps", "eval_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name}: expected 0 or more, got {getattr(self, name)}")
+        if self.min_lr > self.lr:
+            raise UsageError(f"min_lr: {self.min_lr} is above lr={self.lr}")
+        if self.warmup_steps > self.max_steps:
+            raise UsageError(f"warmup_steps: {self.warmup_steps} is beyond max_steps={self.max_steps}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise UsageError(f"global_batch_size: {self.global_batch_size} is not a multiple of "
+                             f"micro_batch_size={self.micro_batch_size}")
+        if not 0 < self.lr_layer_decay <= 1:
+            raise UsageError(f"lr_layer_decay: expected a value in (0, 1], got {self.lr_layer_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise UsageError(f"betas: expected two values in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class Recipe:
+    """Everything a training run needs; saved as recipe.yaml beside every checkpoint (its `model:` section is
+    how `load_model` rebuilds the network)."""
+
+    task: Task = "pretrain"  # pretrain (see stage), or a fine-tune: caption, retrieval, vqa
+    stage: int = 0  # pretrain: 1 = ITC + ITM + ITG on the Q-Former, 2 = LM loss through the frozen LLM
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.task == "pretrain" and self.stage not in (1, 2):
+            raise UsageError(f"stage: expected 1 or 2 for task 'pretrain', got {self.stage}")
+        if self.task != "pretrain" and self.stage:
+            raise UsageError(f"stage: only for task 'pretrain' (this recipe's task is '{self.task}'); remove it")
+        if not self.data.train:
+            raise UsageError("data.train: no data sources (a list of {kind, path} entries)")
+        self._check_model()
+        self._check_data()
+
+    @property
+    def uses_llm(self) -> bool:
+        """Stage 2, caption and VQA train through the frozen LLM; stage 1 and retrieval train the Q-Former heads."""
+        return self.stage == 2 or self.task in LM_TASKS
+
+    @property
+    def name(self) -> str:
+        return f"stage {self.stage}" if self.task == "pretrain" else f"task '{self.task}'"
+
+    def _check_model(self) -> None:
+        m = self.model
+        if self.uses_llm:
+            if not m.llm.name:
+                raise UsageError(f"model.llm.name: {self.name} needs the frozen LLM (a hub id or a local folder)")
+            if m.qformer.text:
+                raise UsageError(f"model.qformer.text: {self.name} trains no Q-Former text half "
+                                 "(LAVIS removes it for stage 2); set it to false")
+        else:
+            if m.llm.name:
+                raise UsageError(f"model.llm.name: {self.name} trains the Q-Former without an LLM; remove it")
+            if not m.qformer.text:
+                raise UsageError(f"model.qformer.text: {self.name} needs the Q-Former's text half (ITC, ITM, ITG)")
+        if self.train.multi_positive and self.uses_llm:
+            raise UsageError(f"train.multi_positive: only for stage 1 and retrieval, not {self.name}")
+        if self.train.feature_cache and not m.vision.freeze:
+            raise UsageError("train.feature_cache: the ViT is trained (model.vision.freeze: false), so its "
+                             "output changes every step and cannot be cached")
+
+    def _check_data(self) -> None:
+        d, t = self.data, self.train
+        for split in ("train", "val"):
+            kinds = {s.kind == "webdataset" for s in getattr(d, split)}
+            if len(kinds) > 1:
+                raise UsageError(f"data.{split}: mixes webdataset shards with annotation sources; use one or the "
+                                 "other per split (convert the annotations to shards, e.g. with img2dataset)")
+        for i, source in enumerate(d.train):
+            if t.multi_positive and source.kind not in SOURCE_KINDS_WITH_IDS:
+                raise UsageError(f"data.train[{i}].kind: train.multi_positive needs image ids, which "
+                                 f"'{source.kind}' sources lack (use {', '.join(SOURCE_KINDS_WITH_IDS)})")
+            if t.feature_cache and source.kind == "webdataset":
+                raise UsageError(f"data.train[{i}].kind: train.feature_cache needs annotation or folder sources "
+                                 "(a shard stream has no stable image keys)")
+            if source.kind == "webdataset" and t.schedule == "lavis_epoch" and not source.size:
+                raise UsageError(f"data.train[{i}].size: the lavis_epoch schedule needs the epoch length of shards")
+        if t.feature_cache and d.augment:
+            raise UsageError("train.feature_cache: needs data.augment: false (augmented images differ every epoch)")
+        if self.task == "vqa" and any(s.kind not in ("jsonl",) for s in d.train):
+            raise UsageError("data.train: vqa needs jsonl sources of {image, question, answers}")
+
+    def check_files(self) -> None:
+        """Paths that must exist before anything loads (hub ids and URLs are left to their loaders)."""
+        for split in ("train", "val"):
+            for i, source in enumerate(getattr(self.data, split)):
+                key = f"data.{split}[{i}]"
+                if source.kind != "webdataset" or not any(c in source.path for c in "{*?[") and "://" not in source.path:
+                    _must_exist(source.path, f"{key}.path")
+                if source.image_root:
+                    _must_exist(source.image_root, f"{key}.image_root")
+        m = self.model
+        for key, value in (("model.vision.weights", m.vision.weights), ("model.llm.name", m.llm.name),
+                           ("model.init", m.init), ("model.qformer.tokenizer", m.qformer.tokenizer),
+                           ("model.qformer.init_from", m.qformer.init_from)):
+            if value and _looks_like_path(value):
+                _must_exist(value, key)
+
+
+def _looks_like_path(value: str) -> bool:
+    """A local path for sure (hub ids look like `owner/name`): absolute, ./ ../ ~, a weight file, or deeper."""
+    return (value.startswith(("/", "./", "../", "~")) or value.endswith((".pth", ".pt", ".bin", ".safetensors"))
+            or value.count("/") >= 2)
+
+
+def _must_exist(path: str, key: str) -> None:
+    if not Path(path).expanduser().exists():
+        raise UsageError(f"{key}: no such file or folder: {path}")
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """`key.sub=value` -> (["key", "sub"], value parsed as a YAML scalar). `data.train[0].path` and
+    `data.train.0.path` both index lists. An empty value is the empty string."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--set {text}: expected key.sub=value")
+    parts: list[str | int] = []
+    for piece in key.strip().replace("[", ".").replace("]", "").split("."):
+        if not piece:
+            raise UsageError(f"--set {text}: empty part in key '{key}'")
+        parts.append(int(piece) if piece.isdigit() else piece)
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        raise UsageError(f"--set {text}: cannot parse the value as YAML") from None
+    return parts, parsed
+
+
+def apply_override(raw: dict, parts: list[str | int], value: Any) -> None:
+    """Set `value` at `parts` in the raw recipe, creating mappings on the way; validation comes later."""
+    node: Any = raw
+    for i, part in enumerate(parts):
+        dotted = ".".join(map(str, parts[: i + 1]))
+        last = i == len(parts) - 1
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                size = len(node) if isinstance(node, list) else 0
+                raise UsageError(f"--set {dotted}: no item {part} (the list has {size})")
+        elif not isinstance(node, dict):
+            raise UsageError(f"--set {dotted}: {'.'.join(map(str, parts[:i]))} is not a mapping")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool = True) -> Recipe:
+    """Read a recipe, apply `--set` overrides to the raw mapping, then validate it into a `Recipe`."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"no such recipe: {path}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UsageError(f"{path}: not valid YAML{where}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: a recipe is a mapping of sections (task, model, data, train)")
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    recipe = from_dict(Recipe, raw)
+    if check_files:
+        recipe.check_files()
+    return recipe
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """The resolved recipe as YAML that `load_recipe` reads back to an equal `Recipe`."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True), encoding="utf-8")

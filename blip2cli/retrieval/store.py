@@ -26,10 +26,14 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from blip2cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 FORMAT = 1
 ROWS_PER_SHARD = 65536  # 1 GiB query shards at 32 x 256 float16
@@ -81,7 +85,7 @@ def sha256_file(path: str | Path) -> str:
 
 def pool(mats: np.ndarray) -> np.ndarray:
     """The pooled image vector: re-normalised mean of the query vectors, (B, Q, D) -> (B, D) float32."""
-    v = mats.astype(np.float32).mean(axis=1)  # (B, D)
+    v = mats.mean(axis=1, dtype=np.float32)  # (B, D), float32 accumulation without a float32 copy of mats  # (B, D)
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
@@ -120,8 +124,9 @@ class Store:
         meta = dict(conn.execute("SELECT key, value FROM meta"))
         if int(meta["format"]) != FORMAT:
             raise UsageError(f"{root}: store format {meta['format']} is not supported by this version ({FORMAT})")
-        info = StoreInfo(meta["model"], meta["fingerprint"], int(meta["num_queries"]), int(meta["dim"]),
-                         int(meta["rows_per_shard"]))
+        info = StoreInfo(
+            meta["model"], meta["fingerprint"], int(meta["num_queries"]), int(meta["dim"]), int(meta["rows_per_shard"])
+        )
         store = cls(root, conn, info, lock)
         if writable:
             store._truncate_uncommitted()
@@ -133,9 +138,16 @@ class Store:
         root.mkdir(parents=True, exist_ok=True)
         lock = _take_lock(root)
         conn = _connect(root / "store.sqlite")
-        meta = {"format": FORMAT, "model": info.model, "fingerprint": info.fingerprint,
-                "num_queries": info.num_queries, "dim": info.dim, "rows_per_shard": info.rows_per_shard,
-                "next_row": 0, "generation": 0}
+        meta = {
+            "format": FORMAT,
+            "model": info.model,
+            "fingerprint": info.fingerprint,
+            "num_queries": info.num_queries,
+            "dim": info.dim,
+            "rows_per_shard": info.rows_per_shard,
+            "next_row": 0,
+            "generation": 0,
+        }
         with _transaction(conn):  # schema and meta appear together or not at all
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 conn.execute(statement)
@@ -151,11 +163,20 @@ class Store:
             os.close(self._lock)  # releases the flock
             self._lock = None
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def check_model(self, name: str, fingerprint: str) -> None:
+        """Refuse vectors of another model (they are not comparable), saying what to do instead."""
+        if fingerprint != self.info.fingerprint:
+            raise UsageError(
+                f"{self.root} was built with model '{self.info.model}' (weights {self.info.fingerprint[:12]}), "
+                f"not '{name}' (weights {fingerprint[:12]}): embeddings of different models cannot be compared; "
+                f"use --model {self.info.model}, or another --index folder for this model"
+            )
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -183,6 +204,10 @@ class Store:
     def files(self) -> dict[str, FileEntry]:
         return {r[0]: FileEntry(*r) for r in self._conn.execute("SELECT path, size, mtime_ns, sha256 FROM files")}
 
+    def contents(self) -> dict[str, tuple[int, int, int]]:
+        """sha256 -> (row, width, height) for every content."""
+        return {r[0]: tuple(r[1:]) for r in self._conn.execute("SELECT sha256, row, width, height FROM contents")}
+
     def has_content(self, sha256: str) -> bool:
         """Thread-safe: decode workers call this to skip decoding bytes that are already embedded."""
         conn = getattr(self._local, "conn", None)
@@ -201,11 +226,20 @@ class Store:
         rows = [int(r) for r in rows]
         for i in range(0, len(rows), _SQL_CHUNK):
             part = rows[i : i + _SQL_CHUNK]
-            sql = ("SELECT c.row, f.path FROM contents c JOIN files f ON f.sha256 = c.sha256 "
-                   f"WHERE c.row IN ({','.join('?' * len(part))}) ORDER BY f.path")
+            sql = (
+                "SELECT c.row, f.path FROM contents c JOIN files f ON f.sha256 = c.sha256 "
+                f"WHERE c.row IN ({','.join('?' * len(part))}) ORDER BY f.path"
+            )
             for row, path in self._conn.execute(sql, part):
                 out.setdefault(row, []).append(path)
         return out
+
+    def entries(self) -> Iterator[tuple[str, int, str, int, int]]:
+        """(path, row, sha256, width, height) for every file, by path."""
+        yield from self._conn.execute(
+            "SELECT f.path, c.row, c.sha256, c.width, c.height FROM files f JOIN contents c ON c.sha256 = f.sha256 "
+            "ORDER BY f.path"
+        )
 
     def row_of_path(self, path: str) -> int | None:
         r = self._conn.execute(
@@ -260,9 +294,11 @@ class Store:
         mats: np.ndarray | None = None,
         upsert: Sequence[FileEntry] = (),
         remove: Sequence[str] = (),
+        drop_orphans: bool = True,
     ) -> None:
         """One atomic step: append `mats` (len(new), Q, D) as rows for the `new` contents, point `upsert` paths at
-        their content, drop `remove` paths, and delete contents that no path refers to any more.
+        their content, drop `remove` paths, and (unless `drop_orphans` is False: merges, which may link to a
+        content before the path still holding it moves on) delete the contents those paths no longer refer to.
 
         A kill before the final COMMIT leaves the store exactly as before this call (the appended bytes are past
         the committed row count and are truncated when a writer next opens the store)."""
@@ -274,18 +310,32 @@ class Store:
         with _transaction(self._conn) as conn:
             touched = {e.sha256 for e in new}
             old = self._shas_of([e.path for e in upsert] + list(remove))
-            conn.executemany("INSERT INTO contents VALUES (?, ?, ?, ?)",
-                             [(c.sha256, first + i, c.width, c.height) for i, c in enumerate(new)])
-            conn.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
-                             [(e.path, e.size, e.mtime_ns, e.sha256) for e in upsert])
+            conn.executemany(
+                "INSERT INTO contents VALUES (?, ?, ?, ?)",
+                [(c.sha256, first + i, c.width, c.height) for i, c in enumerate(new)],
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
+                [(e.path, e.size, e.mtime_ns, e.sha256) for e in upsert],
+            )
             conn.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in remove])
             dropped = 0
-            for sha in old | touched:
-                dropped += conn.execute("DELETE FROM contents WHERE sha256 = ? AND NOT EXISTS "
-                                        "(SELECT 1 FROM files WHERE files.sha256 = ?)", (sha, sha)).rowcount
+            for sha in (old | touched) if drop_orphans else ():
+                dropped += conn.execute(
+                    "DELETE FROM contents WHERE sha256 = ? AND NOT EXISTS (SELECT 1 FROM files WHERE files.sha256 = ?)",
+                    (sha, sha),
+                ).rowcount
             conn.execute("UPDATE meta SET value = ? WHERE key = 'next_row'", (str(first + len(new)),))
             if new or dropped:
                 conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+
+    def drop_orphans(self) -> int:
+        """Delete every content no path refers to (after merges, or a kill between a merge and this sweep)."""
+        with _transaction(self._conn) as conn:
+            dropped = conn.execute("DELETE FROM contents WHERE sha256 NOT IN (SELECT sha256 FROM files)").rowcount
+            if dropped:
+                conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+        return dropped
 
     def _shas_of(self, paths: Sequence[str]) -> set[str]:
         found: set[str] = set()
@@ -299,7 +349,7 @@ class Store:
         """Write rows first.. at their fixed offsets in both shard kinds, then fsync (before the commit)."""
         rps = self.info.rows_per_shard
         pooled = pool(mats).astype(np.float16)
-        mats = mats.astype(np.float16)
+        mats = mats.astype(np.float16, copy=False)
         i = 0
         while i < len(mats):
             shard, offset = divmod(first + i, rps)

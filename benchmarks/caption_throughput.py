@@ -1,0 +1,221 @@
+"""Caption throughput: blip2cli against transformers' Blip2ForConditionalGeneration, same weights, same images.
+
+The model is BLIP-2's real layout at reduced width, with random weights (no download): a ViT-B/16-like encoder
+(width 768, depth 12, heads 12, patch 16, 224 px), a BERT-base Q-Former with 32 queries, and an OPT-125m-shaped
+LLM (12 layers, 768 wide, 50272 vocab; the byte-level test tokenizer, the rest of the vocab unused). It is saved
+once with `save_pretrained` under .bench/ and loaded by both libraries.
+
+For greedy and beam-5 decoding (30 new tokens, min 7: the caption defaults) at batch 1 and 8, fp32 on CPU:
+  ours      Blip2's generate path on preprocessed pixels (ViT -> Q-Former -> LLM generate, tokens)
+  hf        Blip2ForConditionalGeneration.generate on the same pixels, inputs built as its processor does
+  ours e2e  blip2cli.caption.run_jobs from the image files (decode + resize in the background thread)
+Runs alternate (ours, hf, e2e, ours, ...); medians are reported, and the generated tokens must be identical.
+Also: the machine's fp32 matmul GFLOP/s and the share of it the image encoder reaches.
+
+    .venv/bin/python benchmarks/caption_throughput.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+Q = 32  # query tokens
+VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              image_size=224, patch_size=16, layer_norm_eps=1e-6, qkv_bias=True)  # fmt: skip
+OPT_125M = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
+                max_position_embeddings=2048, word_embed_proj_dim=768, pad_token_id=1, bos_token_id=2)  # fmt: skip
+
+
+def build(out: Path) -> Path:
+    """Save the random mid-size BLIP-2 once (about 1.3 GB in fp32)."""
+    if (out / "config.json").is_file():
+        return out
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig
+    from transformers import OPTConfig
+    from transformers import Blip2Processor, BlipImageProcessor
+
+    from blip2cli.config import CLIP_MEAN, CLIP_STD
+    from tests import tiny
+
+    size = {"height": 224, "width": 224}
+    images = BlipImageProcessor(size=size, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    processor = Blip2Processor(image_processor=images, tokenizer=tiny.opt_tokenizer(out), num_query_tokens=Q)
+    processor.save_pretrained(out)  # adds <image> to the tokenizer
+    tok = processor.tokenizer
+    newline = tok("\n", add_special_tokens=False).input_ids[0]
+    qformer = Blip2QFormerConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                                 cross_attention_frequency=2, encoder_hidden_size=768)  # fmt: skip
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(**VISION).to_dict(), qformer_config=qformer.to_dict(),
+        text_config=OPTConfig(**OPT_125M, eos_token_id=newline).to_dict(), num_query_tokens=Q,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name.lower() or "layer_norm" in name.lower():
+                p.copy_(1.0 + 0.05 * torch.randn(p.shape, generator=g) if name.endswith("weight") else 0 * p)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(out)
+    return out
+
+
+def photos(n: int, cache: Path) -> list[Path]:
+    coco = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017"
+    found = sorted(coco.glob("*.jpg"))[:n] if coco.is_dir() else []
+    if len(found) == n:
+        return found
+    from PIL import Image
+
+    folder = cache / "photos"
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    paths = []
+    for i in range(n):
+        path = folder / f"{i}.jpg"
+        if not path.is_file():
+            pixels = (torch.rand(480, 640, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def vit_flops(image_size: int = 224, patch: int = 16, width: int = 768, depth: int = 12, mlp: int = 3072) -> float:
+    """Forward FLOPs (2 per multiply-add) of one image through the ViT: patch embedding, then per block the QKV,
+    attention scores, attention-weighted values, output projection and the MLP."""
+    N = (image_size // patch) ** 2 + 1
+    embed = (N - 1) * width * 3 * patch * patch
+    block = N * width * 3 * width + 2 * N * N * width + N * width * width + 2 * N * width * mlp
+    return 2.0 * (embed + depth * block)
+
+
+def clock(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per implementation and setting")
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=30, help="fewer for a quick check of the script")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--cache", type=Path, default=ROOT / ".bench" / "blip2-mid")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration
+
+    from blip2cli import caption as job
+    from blip2cli.config import GenerationOptions
+    from blip2cli.data.images import load_image
+    from blip2cli.data.transforms import eval_pixels
+    from blip2cli.model.load import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    path = build(args.cache)
+    ours = load_model(str(path), "cpu", "float32")
+    hf = Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    files = photos(args.images, args.cache)
+    pixels = eval_pixels([load_image(p) for p in files], 224, ours.cfg.image_mean, ours.cfg.image_std)  # (n,3,224,224)
+    print(f"setup {time.perf_counter() - t0:.0f} s; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M parameters; {len(files)} images")  # fmt: skip
+
+    gflops = matmul_gflops()
+    with torch.inference_mode():
+        ours.vision_embeds(pixels[:2])
+        vit_s = min(clock(lambda: ours.vision_embeds(pixels)) for _ in range(2))
+    vit_rate = vit_flops() * len(files) / vit_s / 1e9
+    print(f"fp32 matmul (2048^3 torch.mm): {gflops:.1f} GFLOP/s")
+    print(f"image encoder, batch {len(files)}: {vit_flops() / 1e9:.1f} GFLOP/image, {vit_s:.2f} s, "
+          f"{vit_rate:.1f} GFLOP/s = {100 * vit_rate / gflops:.0f}% of matmul peak")  # fmt: skip
+
+    image_id = tok.convert_tokens_to_ids("<image>")
+    prompt_ids = [image_id] * Q + tok("").input_ids  # [<image> x 32 ; BOS], as Blip2Processor builds it
+
+    def hf_tokens(px: torch.Tensor, o: GenerationOptions) -> torch.Tensor:
+        ids = torch.tensor([prompt_ids] * px.shape[0])
+        out = hf.generate(pixel_values=px, input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                          num_beams=o.num_beams, max_new_tokens=o.max_new_tokens, min_new_tokens=o.min_new_tokens)
+        return out[:, ids.shape[1]:]  # fmt: skip
+
+    def ours_tokens(px: torch.Tensor, o: GenerationOptions) -> torch.Tensor:
+        return ours.llm.generate_tokens(ours.llm_prefix(ours.vision_embeds(px)), [""] * px.shape[0], o)
+
+    def batched(fn: Callable, bs: int, o: GenerationOptions) -> Callable[[], list]:
+        return lambda: [fn(pixels[i : i + bs], o) for i in range(0, len(files), bs)]
+
+    print(f"\n{'decoding':<8} {'batch':>5} {'ours img/s':>11} {'e2e img/s':>10} {'hf img/s':>9} {'ours/hf':>8} "
+          f"{'e2e/hf':>7} {'tokens':>9}")  # fmt: skip
+    for name, beams in (("greedy", 1), ("beam-5", 5)):
+        o = GenerationOptions(num_beams=beams, max_new_tokens=args.max_new_tokens,
+                              min_new_tokens=min(7, args.max_new_tokens))
+        for bs in (1, 8):
+            runs: dict[str, list[float]] = {"ours": [], "hf": [], "e2e": []}
+            outputs: dict[str, list] = {}
+            e2e_jobs = [job.Job(p, "") for p in files]
+            with torch.inference_mode():
+                for _ in range(args.repeats):  # alternate, so load changes on this shared machine hit all three
+                    for name_, fn in (("ours", ours_tokens), ("hf", hf_tokens)):
+                        t = time.perf_counter()
+                        outputs[name_] = batched(fn, bs, o)()
+                        runs[name_].append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    outputs["e2e"] = [texts for _, texts in job.run_jobs(ours, e2e_jobs, o, bs)]
+                    runs["e2e"].append(time.perf_counter() - t)
+            texts = ours.llm.tokenizer.batch_decode(torch.cat(outputs["ours"]), skip_special_tokens=True)
+            same = all(torch.equal(a, b) for a, b in zip(outputs["ours"], outputs["hf"]))
+            same = same and outputs["e2e"] == [[t.strip()] for t in texts]  # the files give the same captions
+            rate = {k: len(files) / statistics.median(v) for k, v in runs.items()}
+            print(f"{name:<8} {bs:>5} {rate['ours']:>11.2f} {rate['e2e']:>10.2f} {rate['hf']:>9.2f} "
+                  f"{rate['ours'] / rate['hf']:>7.2f}x {rate['e2e'] / rate['hf']:>6.2f}x "
+                  f"{'identical' if same else 'DIFFER':>9}", flush=True)  # fmt: skip
+
+    # Where our time goes, beam-5 at batch 8
+    o = GenerationOptions(num_beams=5, max_new_tokens=args.max_new_tokens, min_new_tokens=min(7, args.max_new_tokens))
+    with torch.inference_mode():
+        embeds = ours.vision_embeds(pixels)
+        t_vit = clock(lambda: ours.vision_embeds(pixels))
+        t_q = clock(lambda: ours.llm_prefix(embeds))
+        prefix = ours.llm_prefix(embeds)
+        t_llm = clock(lambda: ours.llm.generate_tokens(prefix, [""] * len(files), o))
+        t_decode = clock(lambda: [load_image(p) for p in files])
+    total = t_vit + t_q + t_llm
+    print(f"\nprofile (ours, beam-5, batch {len(files)}): image encoder {t_vit:.2f} s ({100 * t_vit / total:.0f}%), "
+          f"Q-Former + projection {t_q:.2f} s ({100 * t_q / total:.0f}%), LLM generate {t_llm:.2f} s "
+          f"({100 * t_llm / total:.0f}%); JPEG decode {t_decode:.2f} s (background thread)")  # fmt: skip
+    print(f"total {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f} (others share this CPU)")
+
+
+if __name__ == "__main__":
+    main()

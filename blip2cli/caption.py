@@ -1,0 +1,321 @@
+"""Captions, answers and conversations for the images users have: the job behind `blip2 caption` and `blip2 ask`.
+
+  caption_options / vqa_options / instruct_options   the paper's decoding settings for a model (spec §6)
+  Decoding.apply(defaults)                            the user's flags on top (beam search or sampling)
+  run_jobs(model, jobs, options, batch_size)          (job, texts | error) in input order; images decode in a
+                                                      background thread while the model runs the batch before
+  read_done / JsonlLog                                resume: records already in an --out file are skipped
+  chat_prompt / Chat                                  multi-turn prompts carrying the earlier questions and answers
+
+An image that cannot be read is a value (an error message), never an exception: the rest of the run goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blip2cli.config import GenerationOptions
+from blip2cli.errors import InputError, UsageError
+
+VQA_TEMPLATE = "Question: {} Short answer:"  # LAVIS's zero-shot VQA prompt (spec §6)
+CHAT_TEMPLATE = "Question: {} Answer:"  # BLIP-2 Figure 4's conversation style
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding settings (spec §6). LAVIS's min_length counts the prompt tokens (BOS included) for decoder-only LLMs and
+# the decoder start token for Flan-T5; we pass min_new_tokens, so the count is converted here.
+
+
+def _min_new(model: Any, prompt: str, min_length: int) -> int:
+    llm = model.llm
+    if llm is None or llm.is_encoder_decoder:  # the Q-Former's [DEC] / T5's decoder start token
+        return max(min_length - 1, 0)
+    return max(min_length - len(llm.tokenizer(prompt).input_ids), 0)
+
+
+def caption_options(model: Any, prompt: str) -> GenerationOptions:
+    """The paper's caption decoding: 5 beams, 30 new tokens, min_length 8 with the prompt counted (OPT + "": 7
+    new, OPT + "a photo of": 4 new, Flan-T5: 7 new). Stage-1 models caption with the Q-Former as LAVIS does:
+    3 beams, max_length 30 and min_length 10, both counting [DEC] (29 and 9 new)."""
+    if model.llm is None:
+        return GenerationOptions(num_beams=3, max_new_tokens=29, min_new_tokens=9)
+    return GenerationOptions(num_beams=5, max_new_tokens=30, min_new_tokens=_min_new(model, prompt, 8))
+
+
+def vqa_options(model: Any) -> GenerationOptions:
+    """Zero-shot VQA: 5 beams, 10 new tokens, min_length 1 (always met by the prompt: 0 new), length penalty -1 for
+    Flan-T5 and 0 for decoder-only LLMs. Spec §6 "to verify": OPT's 0 is LAVIS's code; the paper may use -1."""
+    t5 = model.llm is not None and model.llm.is_encoder_decoder
+    return GenerationOptions(num_beams=5, max_new_tokens=10, min_new_tokens=0, length_penalty=-1.0 if t5 else 0.0)
+
+
+def instruct_options(model: Any) -> GenerationOptions:
+    """Free instructions have no upstream protocol (spec §6): LAVIS's generate() defaults, 5 beams, 30 new tokens."""
+    return GenerationOptions(num_beams=5, max_new_tokens=30, min_new_tokens=0)
+
+
+@dataclass
+class Decoding:
+    """The generation flags a user gave (None = not given). Sampling is on with `sample`, or when `top_p` or
+    `temperature` is given; it replaces beam search (one beam), so --num-beams with sampling is refused."""
+
+    num_beams: int | None = None
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    sample: bool = False
+    top_p: float | None = None
+    temperature: float | None = None
+    num_return: int = 1
+
+    @property
+    def sampling(self) -> bool:
+        return self.sample or self.top_p is not None or self.temperature is not None
+
+    def apply(self, defaults: GenerationOptions) -> GenerationOptions:
+        """`defaults` with these flags on top; contradictions are one-line UsageErrors."""
+        o = dataclasses.asdict(defaults)
+        if self.sampling:
+            if self.num_beams is not None and self.num_beams > 1:
+                raise UsageError("--num-beams: sampling (--sample, --top-p, --temperature) uses no beams; "
+                                 "drop --num-beams or the sampling flags")  # fmt: skip
+            o.update(do_sample=True, num_beams=1, length_penalty=1.0)
+            o["top_p"] = self.top_p if self.top_p is not None else o["top_p"]
+            o["temperature"] = self.temperature if self.temperature is not None else o["temperature"]
+        elif self.num_beams is not None:
+            o["num_beams"] = self.num_beams
+        elif self.num_return > o["num_beams"]:
+            o["num_beams"] = self.num_return  # --num-captions 8 alone: search 8 beams to return 8
+        if self.max_new_tokens is not None:
+            o["max_new_tokens"] = self.max_new_tokens
+            if self.min_new_tokens is None:  # the default minimum never exceeds a maximum the user chose
+                o["min_new_tokens"] = min(o["min_new_tokens"], self.max_new_tokens)
+        if self.min_new_tokens is not None:
+            o["min_new_tokens"] = self.min_new_tokens
+        o["num_return_sequences"] = self.num_return
+        return GenerationOptions(**o)
+
+
+def describe(o: GenerationOptions) -> str:
+    """One line for people: what decoding runs."""
+    how = f"sampling top-p {o.top_p} temperature {o.temperature}" if o.do_sample else f"{o.num_beams} beams"
+    return f"{how}, {o.min_new_tokens}-{o.max_new_tokens} new tokens, length penalty {o.length_penalty:g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The batched job
+
+
+@dataclass(frozen=True)
+class Job:
+    image: Path  # the file to read
+    prompt: str  # the text the language model continues ("" for plain captions)
+
+
+def run_jobs(
+    model: Any, jobs: Sequence[Job], options: GenerationOptions, batch_size: int, decode_threads: int = 2
+) -> Iterator[tuple[Job, list[str] | str]]:
+    """Yield (job, texts) or (job, error message) for every job, in order, `batch_size` images per forward pass.
+
+    Images are read and resized in `decode_threads` background threads, two batches ahead of the model, so the
+    model never waits on PIL (decoding and torch both release the GIL)."""
+    import torch
+
+    size, mean, std = model.cfg.vision.image_size, model.cfg.image_mean, model.cfg.image_std
+    batches = [list(jobs[i : i + batch_size]) for i in range(0, len(jobs), batch_size)]
+    pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="blip2-decode")
+    pending: deque[list[Future]] = deque()
+    try:
+        for batch in batches[:2]:
+            pending.append([pool.submit(image_pixels, job.image, size, mean, std) for job in batch])
+        for i, batch in enumerate(batches):
+            decoded = [future.result() for future in pending.popleft()]
+            if i + 2 < len(batches):
+                pending.append([pool.submit(image_pixels, job.image, size, mean, std) for job in batches[i + 2]])
+            good = [(job, px) for job, px in zip(batch, decoded) if not isinstance(px, str)]
+            texts: Iterator[list[str]] = iter(())
+            if good:
+                with torch.inference_mode():
+                    pixels = torch.stack([px for _, px in good])  # (B, 3, S, S)
+                    texts = iter(model.generate(pixels, [job.prompt for job, _ in good], options))
+            for job, px in zip(batch, decoded):
+                yield job, (px if isinstance(px, str) else next(texts))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def image_pixels(path: Path, size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """Normalised pixels (3, S, S), or the one-line reason the file cannot be used."""
+    from blip2cli.data.images import load_image
+    from blip2cli.data.transforms import eval_pixels
+
+    try:
+        return eval_pixels([load_image(path)], size, mean, std)[0]
+    except InputError as exc:
+        return str(exc)
+
+
+def caption_record(image: str, texts: list[str] | str, prompt: str = "", keep_prompt: bool = False) -> dict[str, Any]:
+    """{"image", "caption"} (+ "captions" when several were asked for) or {"image", "error"}."""
+    if isinstance(texts, str):
+        return {"image": image, "error": texts}
+    if keep_prompt and prompt:
+        texts = [f"{prompt} {t}".strip() for t in texts]
+    record: dict[str, Any] = {"image": image, "caption": texts[0]}
+    if len(texts) > 1:
+        record["captions"] = texts
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --out files: append, flush per record, resume
+
+
+def image_key(image: str | Path) -> str:
+    """Records name images as the user spelled them; a rerun matches them by absolute path."""
+    return str(Path(image).expanduser().resolve())
+
+
+def read_done(path: Path, key: Callable[[dict[str, Any]], Hashable | None]) -> set[Hashable]:
+    """Keys of the successful records in an --out file (error records are retried). Lines that are not JSON (a
+    write cut short by a kill) are ignored."""
+    done: set[Hashable] = set()
+    if not path.is_file():
+        return done
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "error" not in record:
+                k = key(record)
+                if k is not None:
+                    done.add(k)
+    return done
+
+
+class JsonlLog:
+    """Appends records to a JSONL file, one flushed line each, so an interrupted run loses nothing written."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = path.open("a+b")
+        except OSError as exc:
+            raise UsageError(f"--out: cannot write {path}: {exc.strerror or exc}") from None
+        if self.fh.tell() > 0:  # a line cut short by a kill would swallow the next record: end it first
+            self.fh.seek(-1, 2)
+            if self.fh.read(1) != b"\n":
+                self.fh.write(b"\n")
+        self.path = path
+        self.written = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        self.fh.flush()
+        self.written += 1
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Questions, instructions and conversations
+
+
+def question_prompt(question: str, template: str, instruct: bool = False) -> str:
+    """An instruction goes to the LLM as typed; a question is cleaned (spec §2.3 `blip_question`) into the template."""
+    from blip2cli.data.transforms import clean_question
+
+    if instruct:
+        return question.strip()
+    return template.format(clean_question(question))
+
+
+def chat_prompt(history: Sequence[tuple[str, str]], turn: str) -> str:
+    """Earlier turns, then the new one (BLIP-2 Figure 4): "Question: q1 Answer: a1. Question: q2 Answer:".
+    `history` holds (prompt of that turn, answer) pairs; `turn` is the new question in its template."""
+    turns = [f"{prompt} {answer.rstrip('.')}." if answer else prompt for prompt, answer in history]
+    return " ".join([*turns, turn])
+
+
+class Chat:
+    """A conversation about one image: the image is encoded once, each turn sees the earlier turns."""
+
+    def __init__(self, model: Any, pixels: Any, template: str, options: GenerationOptions, instruct: bool = False):
+        import torch
+
+        if model.llm is None:
+            raise UsageError("--chat needs a model with a language model (this one captions with the Q-Former only)")
+        self.model, self.template, self.options, self.instruct = model, template, options, instruct
+        with torch.inference_mode():
+            self.prefix = model.llm_prefix(model.vision_embeds(pixels[None]))  # (1, Q, D), reused every turn
+        self.history: list[tuple[str, str]] = []
+
+    def ask(self, question: str) -> str:
+        import torch
+
+        turn = question_prompt(question, self.template, self.instruct)
+        prompt = self._fit(self.history, turn)
+        with torch.inference_mode():
+            answer = self.model.llm.generate(self.prefix, [prompt], self.options)[0][0]
+        self.history.append((turn, answer))
+        return answer
+
+    def _fit(self, history: list[tuple[str, str]], turn: str) -> str:
+        """Drop the oldest turns until the prompt fits the language model's input."""
+        llm = self.model.llm
+        if llm.is_encoder_decoder:  # FrozenLLM.encoder_inputs cuts T5 prompts at max_text_len tokens (at the end)
+            budget = llm.max_text_len
+        else:
+            context = getattr(llm.model.config, "max_position_embeddings", 2048)
+            budget = context - self.prefix.shape[1] - self.options.max_new_tokens
+        prompt = chat_prompt(history, turn)
+        while history and len(llm.tokenizer(prompt).input_ids) > budget:
+            history = history[1:]
+            prompt = chat_prompt(history, turn)
+        return prompt
+
+
+@dataclass(frozen=True)
+class BatchQuestion:
+    line: int
+    image: str  # as it can be opened from here: relative names are joined to the batch file's folder
+    question: str
+
+
+def read_batch(path: Path) -> list[BatchQuestion | dict[str, Any]]:
+    """The lines of an `ask --batch` file: {"image", "question"} objects. A line that is not one becomes an error
+    record ({"line", "error"}) and the other lines still run. Blank lines are skipped."""
+    if not path.is_file():
+        raise UsageError(f"--batch: no such file: {path}")
+    items: list[BatchQuestion | dict[str, Any]] = []
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                items.append({"line": number, "error": f"{path}:{number}: not a JSON line"})
+                continue
+            image = record.get("image") if isinstance(record, dict) else None
+            question = record.get("question") if isinstance(record, dict) else None
+            if not isinstance(image, str) or not isinstance(question, str) or not image or not question.strip():
+                expected = '{"image": "...", "question": "..."}'
+                items.append({"line": number, "error": f"{path}:{number}: expected {expected}"})
+                continue
+            resolved = Path(image).expanduser()
+            if not resolved.is_absolute():
+                resolved = path.parent / resolved
+            items.append(BatchQuestion(number, str(resolved), question))
+    if not items:
+        raise UsageError(f"--batch: {path} holds no questions")
+    return items
