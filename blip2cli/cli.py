@@ -6,6 +6,7 @@ Heavy libraries (torch, transformers, faiss) are imported inside command bodies 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -32,7 +33,9 @@ def command(parent: typer.Typer, name: str | None = None) -> Callable[[Callable[
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
-                return fn(*args, **kwargs)
+                with warnings.catch_warnings():
+                    warnings.showwarning = _one_line_warning
+                    return fn(*args, **kwargs)
             except UsageError as exc:
                 from blip2cli.render import error
 
@@ -43,6 +46,13 @@ def command(parent: typer.Typer, name: str | None = None) -> Callable[[Callable[
         return fn
 
     return register
+
+
+def _one_line_warning(message: Warning | str, category: type, filename: str, lineno: int, *args: Any) -> None:
+    """Library warnings reach people as one yellow line on stderr, without file and line numbers."""
+    from blip2cli.render import warn
+
+    warn(str(message))
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout (NDJSON).")]
@@ -146,6 +156,7 @@ def caption(
     Exit 1 when some images could not be read (each is reported on one line, the rest are captioned).
     """
     from blip2cli import caption as job
+    from blip2cli.model import presets
     from blip2cli.config import GenerationOptions
     from blip2cli.data.inputs import expand_inputs
     from blip2cli.render import console, emit, error, progress, table, warn
@@ -169,7 +180,7 @@ def caption(
     if net.llm is None and text:
         warn("--prompt is ignored: this model has no language model and captions with the Q-Former")
         text = ""
-    options = decoding.apply(job.caption_options(net, text))
+    options = decoding.apply(presets.caption_options(net, text))
     _seed(seed)
     log = job.JsonlLog(out) if out is not None else None
     rows, failed = [], 0
@@ -271,6 +282,7 @@ def ask(
     Exit 1 when an image could not be read or a --batch line was unusable (each reported, the rest answered).
     """
     from blip2cli import caption as job
+    from blip2cli.model import presets
     from blip2cli.config import GenerationOptions
 
     if instruct and template is not None:
@@ -305,7 +317,7 @@ def ask(
     if net.llm is None:
         raise UsageError(f"{model}: a stage-1 model (Q-Former only) has no language model to answer with; "
                          "use blip2 caption, or a stage-2 model")  # fmt: skip
-    options = decoding.apply(job.instruct_options(net) if instruct else job.vqa_options(net))
+    options = decoding.apply(presets.instruct_options(net) if instruct else presets.vqa_options(net))
     _seed(seed)
     log = job.JsonlLog(out) if out is not None else None
     try:
@@ -690,6 +702,7 @@ def eval_caption(
     """
     from blip2cli.eval import caption as cap
     from blip2cli.eval import check_run
+    from blip2cli.model import presets
     from blip2cli.eval import datasets as ds
 
     _eval_inputs(predictions, model, images)
@@ -704,7 +717,7 @@ def eval_caption(
     else:
         paths = ds.resolve_images(images, [data.files[i] for i in data.refs])
         net, pixels = _eval_model(model, device, dtype)
-        options = _eval_options(cap.paper_options(net, prompt), num_beams, max_new_tokens, min_new_tokens)
+        options = _eval_options(presets.caption_options(net, prompt), num_beams, max_new_tokens, min_new_tokens)
         if out is not None:
             check_run(out, {"task": "caption", "model": model, "annotations": str(annotations), "prompt": prompt,
                             "options": vars(options)})  # fmt: skip
@@ -757,6 +770,7 @@ def eval_vqa(
 ) -> None:
     """VQAv2 / OK-VQA accuracy (official VQA rules, 0-100) and GQA exact-match accuracy."""
     from blip2cli.eval import check_run, vqa
+    from blip2cli.model import presets
     from blip2cli.eval import datasets as ds
 
     _eval_inputs(predictions, model, images)
@@ -784,7 +798,7 @@ def eval_vqa(
 
         paths = ds.resolve_images(images, [q.images for q in items])
         net, pixels = _eval_model(model, device, dtype)
-        options = _eval_options(vqa.paper_options(net), num_beams, max_new_tokens, min_new_tokens)
+        options = _eval_options(presets.vqa_options(net), num_beams, max_new_tokens, min_new_tokens)
         if out is not None:
             check_run(out, {"task": f"vqa-{dataset}", "model": model, "questions": str(questions or annotations),
                             "template": template, "lemmatize": lemma, "options": vars(options)})  # fmt: skip

@@ -394,7 +394,8 @@ class Recipe:
         if self.task == "pretrain" and self.stage not in (1, 2):
             raise UsageError(f"stage: expected 1 or 2 for task 'pretrain', got {self.stage}")
         if self.task != "pretrain" and self.stage:
-            raise UsageError(f"stage: only for task 'pretrain' (this recipe's task is '{self.task}'); remove it")
+            raise UsageError(f"stage: only for task 'pretrain'; this is a '{self.task}' recipe (run it with "
+                             "`blip2 finetune`, without --stage)")
         if not self.data.train:
             raise UsageError("data.train: no data sources (a list of {kind, path} entries)")
         self._check_model()

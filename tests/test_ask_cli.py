@@ -10,7 +10,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from blip2cli.cli import app
-from blip2cli.model.blip2 import Blip2
 from blip2cli.model.llm import FrozenLLM
 
 runner = CliRunner()

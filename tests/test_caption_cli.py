@@ -291,6 +291,7 @@ def test_failures_are_one_line_each_in_the_table_view(tiny_opt_dir: Path, tmp_pa
         (["{photos}", "--num-captions", "6", "--num-beams", "2"], "--num-captions"),
         (["{photos}", "--min-new-tokens", "9", "--max-new-tokens", "4"], "--min-new-tokens"),
         (["{photos}", "--num-beams", "0"], "--num-beams"),
+        (["{photos}", "--out", "{tmp}"], "--out"),
     ],
 )
 def test_usage_errors_exit_2(args: list[str], message: str, tiny_opt_dir: Path, photos: Path, tmp_path: Path) -> None:

@@ -8,7 +8,15 @@ import dataclasses
 import pytest
 
 from blip2cli.config import (
-    DataSource, Recipe, TrainConfig, apply_override, from_dict, load_recipe, parse_override, save_recipe, to_dict,
+    DataSource,
+    Recipe,
+    TrainConfig,
+    apply_override,
+    from_dict,
+    load_recipe,
+    parse_override,
+    save_recipe,
+    to_dict,
 )
 from blip2cli.errors import UsageError
 

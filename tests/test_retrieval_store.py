@@ -220,6 +220,7 @@ def _job(tmp_path: Path, folder: Path, idx: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
     photos = tmp_path / "photos"
     make_images(photos, 30)

@@ -32,6 +32,11 @@ def run_resumable(
     done = read_log(log, key_field) if log else {}
     todo = [item for item in items if key(item) not in done]
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    if log and log.is_file():
+        data = log.read_bytes()
+        if data and not data.endswith(b"\n"):  # a run killed mid-line: drop the fragment (it is redone)
+            with log.open("r+b") as cut:
+                cut.truncate(data.rfind(b"\n") + 1)
     fh = log.open("a", encoding="utf-8") if log else None
     try:
         for batch in progress(batches, len(batches), description):

@@ -257,18 +257,3 @@ def generate_captions(
 
     done = run_resumable(list(images.items()), lambda item: item[0], "image_id", predict, batch_size, log, "captioning")
     return {image_id: done[image_id]["caption"] for image_id in images}
-
-
-def paper_options(model: Any, prompt: str, min_length: int = 8) -> Any:
-    """COCO / NoCaps caption decoding (spec §6): 5 beams, 30 new tokens, LAVIS's min_length 8 turned into new tokens.
-
-    LAVIS's min_length counts the prompt tokens with BOS for decoder-only LMs ("a photo of" on OPT: 4 new) and
-    the decoder start token for Flan-T5 (7 new)."""
-    from blip2cli.config import GenerationOptions
-
-    llm = getattr(model, "llm", None)
-    if llm is None or getattr(llm, "is_encoder_decoder", False):
-        min_new = min_length - 1
-    else:
-        min_new = max(min_length - len(llm.tokenizer(prompt).input_ids), 0)
-    return GenerationOptions(num_beams=5, max_new_tokens=30, min_new_tokens=min_new)

@@ -234,13 +234,3 @@ def answer_questions(
 
     done = run_resumable(list(questions), lambda q: q[0], "question_id", predict, batch_size, log, "answering")
     return {qid: done[qid]["answer"] for qid, _, _ in questions}
-
-
-def paper_options(model: Any) -> Any:
-    """Zero-shot VQA decoding (spec §6): 5 beams, at most 10 new tokens; length penalty -1 for Flan-T5 (short
-    answers), 0 for OPT as LAVIS's code has it."""
-    from blip2cli.config import GenerationOptions
-
-    llm = getattr(model, "llm", None)
-    t5 = llm is not None and getattr(llm, "is_encoder_decoder", False)
-    return GenerationOptions(num_beams=5, max_new_tokens=10, min_new_tokens=0, length_penalty=-1.0 if t5 else 0.0)

@@ -76,16 +76,17 @@ class FrozenLLM(nn.Module):
         embeds = embeds.gather(1, order[..., None].expand_as(embeds))
         return embeds, mask.gather(1, order)
 
-    def encoder_inputs(self, prefix: Tensor, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """[prefix ; text </s> ; pads] for the T5 encoder (right padding)."""
-        ids, mask = self._tokens(texts, "right", self.max_text_len)
+    def encoder_inputs(self, prefix: Tensor, texts: Sequence[str], truncate: bool = True) -> tuple[Tensor, Tensor]:
+        """[prefix ; text </s> ; pads] for the T5 encoder (right padding). Training truncates to max_text_len;
+        generation does not (LAVIS keeps a long question's "Short answer:")."""
+        ids, mask = self._tokens(texts, "right", self.max_text_len if truncate else None)
         embeds = torch.cat((prefix.to(self.dtype), self._embed(ids)), dim=1)
         return embeds, torch.cat((mask.new_ones(prefix.shape[:2]), mask), dim=1)
 
     def prompt_logits(self, prefix: Tensor, prompts: Sequence[str]) -> Tensor:
         """Next-token logits over [prefix ; prompt] (decoder-only) or the first decoder step (T5): (B, S, V)."""
         if self.is_encoder_decoder:
-            embeds, mask = self.encoder_inputs(prefix, prompts)
+            embeds, mask = self.encoder_inputs(prefix, prompts, truncate=False)
             start = torch.full((prefix.shape[0], 1), self.model.config.decoder_start_token_id, device=self.device)
             return self.model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=start).logits
         embeds, mask = self.decoder_inputs(prefix, prompts)
@@ -94,8 +95,10 @@ class FrozenLLM(nn.Module):
     @torch.no_grad()
     def generate_tokens(self, prefix: Tensor, prompts: Sequence[str], options: GenerationOptions) -> Tensor:
         """New token ids (B * num_return_sequences, L); the prompt is not included."""
-        build = self.encoder_inputs if self.is_encoder_decoder else self.decoder_inputs
-        embeds, mask = build(prefix, prompts)
+        if self.is_encoder_decoder:
+            embeds, mask = self.encoder_inputs(prefix, prompts, truncate=False)
+        else:
+            embeds, mask = self.decoder_inputs(prefix, prompts)
         return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **self._generate_kwargs(options))
 
     def generate(self, prefix: Tensor, prompts: Sequence[str], options: GenerationOptions) -> list[list[str]]:

@@ -103,7 +103,7 @@ def choose_index(n_images: int, dim: int) -> IndexSpec:
     if n_images < EXACT_MAX_IMAGES:
         return IndexSpec("queries", "Flat")
     nlist = nlist_for(n_images)
-    nprobe = min(nlist, max(16, nlist // 16))  # 6% of the lists: recall@10 0.90 -> 0.99 from nlist/32 (benchmarks/)
+    nprobe = min(nlist, max(32, nlist // 16))  # benchmarks/search_latency.py: fewer probes cost recall
     if n_images < IVF_FLAT_MAX_IMAGES:
         return IndexSpec("pooled", f"IVF{nlist},Flat", nprobe, REFINE, RESCORE)
     return IndexSpec("pooled", f"IVF{nlist},PQ{max(dim // 8, 1)}x4fs", nprobe, REFINE, RESCORE)
@@ -126,7 +126,7 @@ def parse_index_key(key: str, n_images: int, dim: int) -> IndexSpec:
     except RuntimeError as exc:
         raise UsageError(f"--index-key: faiss cannot build '{factory}': {str(exc).splitlines()[-1]}") from None
     ivf = faiss.try_extract_index_ivf(probe)
-    nprobe = min(ivf.nlist, max(16, ivf.nlist // 16)) if ivf is not None else 0
+    nprobe = min(ivf.nlist, max(32, ivf.nlist // 16)) if ivf is not None else 0
     pooled = layout == "pooled"
     return IndexSpec(layout, fixed, nprobe, REFINE if pooled else 0, RESCORE if pooled else 0, "user")
 

@@ -127,7 +127,7 @@ def run(recipe: Recipe, out: Path, resume: str | None = None, stop_at: int | Non
     model = build_for_training(recipe, frozen_dtype)
     if resume_dir is not None:
         ckpt.load_weights(resume_dir, model)
-    cache = _feature_cache(recipe, model, data) if t.feature_cache else None
+    cache = _feature_cache(recipe, model, data, acc.device) if t.feature_cache else None
     optimizer = build_optimizer(model, t, recipe.model.vision.depth)
     objective, optimizer = acc.prepare(Objective(model, recipe, cache), optimizer)
 
@@ -201,11 +201,12 @@ def build_for_training(recipe: Recipe, frozen_dtype: str) -> Blip2:
     return model
 
 
-def _feature_cache(recipe: Recipe, model: Blip2, data: TrainData) -> FeatureCache:
+def _feature_cache(recipe: Recipe, model: Blip2, data: TrainData, device: torch.device) -> FeatureCache:
     """Wrap the frozen tower so cached features pass through, and point the loader at the cache."""
     v = recipe.model.vision
+    model.vision.to(device)  # half-precision towers may not run on the CPU
     with torch.no_grad():
-        probe = model.vision(torch.zeros(1, 3, v.image_size, v.image_size))  # (1, N, Dv) in the tower's dtype
+        probe = model.vision(torch.zeros(1, 3, v.image_size, v.image_size, device=device))  # (1, N, Dv), its dtype
     source = f"{v.kind}:{v.weights or v.timm_name or f'random(seed={recipe.train.seed})'}:{v.image_size}px"
     cache = FeatureCache(recipe.train.feature_cache, data.cache_keys(), tuple(probe.shape[1:]), probe.dtype, source)
     model.vision = CachedVision(model.vision)

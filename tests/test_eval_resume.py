@@ -1,0 +1,14 @@
+import json
+
+from blip2cli.eval import run_resumable
+
+
+def test_a_line_cut_by_a_kill_is_ended_before_appending(tmp_path):
+    log = tmp_path / "predictions.jsonl"
+    log.write_text(json.dumps({"id": 1, "answer": "yes"}) + "\n" + '{"id": 2, "ans')  # killed mid-line
+    predict = lambda batch: [{"id": i, "answer": "no"} for i in batch]  # noqa: E731
+    done = run_resumable([1, 2, 3], lambda i: i, "id", predict, 2, log, "test")
+    assert set(done) == {1, 2, 3} and done[1]["answer"] == "yes"  # kept, not redone
+    records = [json.loads(line) for line in log.read_text().splitlines()]  # every line parses
+    assert [r["id"] for r in records] == [1, 2, 3]
+    assert run_resumable([1, 2, 3], lambda i: i, "id", predict, 2, log, "test") == done  # resumes again
