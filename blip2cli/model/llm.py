@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from blip2cli.config import GenerationOptions
+from blip2cli.model import decode
 
 
 class FrozenLLM(nn.Module):
@@ -99,6 +100,8 @@ class FrozenLLM(nn.Module):
             embeds, mask = self.encoder_inputs(prefix, prompts, truncate=False)
         else:
             embeds, mask = self.decoder_inputs(prefix, prompts)
+        if decode.supported(self.model, options):  # our loop: same tokens, less work (see decode.py)
+            return decode.decode(self.model, embeds, mask, options, self.eos_token_ids(), self.tokenizer.pad_token_id)
         return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **self._generate_kwargs(options))
 
     def generate(self, prefix: Tensor, prompts: Sequence[str], options: GenerationOptions) -> list[list[str]]:

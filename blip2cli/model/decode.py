@@ -1,0 +1,288 @@
+"""Greedy and beam-search decoding for the frozen LLM, token-for-token what transformers' `generate` returns for
+the same inputs, with less work:
+
+- the prompt ([queries ; BOS prompt]) is run once per image and its KV cache repeated for the beams, where
+  `generate` runs it once per beam;
+- greedy decoding drops finished rows from the batch instead of computing padding;
+- no autograd bookkeeping (inference mode), and no per-step logits-processor machinery.
+
+The repetition penalty covers every generated token (and T5's start token). transformers 5, given inputs_embeds
+only, skips as many generated tokens of a row as its prompt has left padding (it reads that count from the
+attention mask); with the paper's penalty of 1.0 nothing differs.
+
+Beam search keeps transformers' rules (v4.50+ vectorised beam search): the top 2K continuations by accumulated
+log-probability, finished hypotheses scored by sum log p / length ** length_penalty, the "early_stopping=False"
+heuristic for stopping, EOS and max-length as stopping criteria. Sampling and unusual generation configs go to
+`generate` itself (see `supported`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from blip2cli.config import GenerationOptions
+
+NEG = -1.0e9  # transformers' "impossible" score
+
+
+def supported(lm, o: GenerationOptions) -> bool:
+    """Our loop covers greedy and beam search with the options we expose; anything else goes to `generate`."""
+    g = lm.generation_config
+    exotic = (g.no_repeat_ngram_size, g.bad_words_ids, g.forced_bos_token_id, g.forced_eos_token_id,
+              g.suppress_tokens, g.begin_suppress_tokens, g.sequence_bias, g.encoder_repetition_penalty not in (None, 1.0),
+              g.diversity_penalty, g.exponential_decay_length_penalty, g.renormalize_logits, g.min_length not in (None, 0))
+    return not o.do_sample and not any(exotic) and g.early_stopping in (False, True, "never")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One forward step of the LM, for decoder-only and encoder-decoder models
+
+
+class _Runner:
+    """Holds the KV cache and masks of the rows being decoded; `logits` are the next-token logits (rows, V)."""
+
+    prompt_len: int  # tokens of the decoder's own prompt in the output (T5: the start token)
+    logits: Tensor
+
+    def repeat(self, k: int) -> None:
+        raise NotImplementedError
+
+    def select(self, rows: Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self, tokens: Tensor) -> None:
+        raise NotImplementedError
+
+
+def _accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+class _DecoderOnly(_Runner):
+    def __init__(self, lm, embeds: Tensor, mask: Tensor) -> None:
+        from transformers import DynamicCache
+
+        self.lm, self.prompt_len = lm, 0
+        self.mask = mask
+        self.pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
+        self.use_pos = _accepts(lm.forward, "position_ids")
+        self.cache = DynamicCache()
+        extra = {"logits_to_keep": 1} if _accepts(lm.forward, "logits_to_keep") else {}
+        self._run(dict(inputs_embeds=embeds, **extra), self.pos)
+
+    def _run(self, inputs: dict, pos: Tensor) -> None:
+        if self.use_pos:
+            inputs["position_ids"] = pos
+        out = self.lm(**inputs, attention_mask=self.mask, past_key_values=self.cache, use_cache=True)
+        self.logits = out.logits[:, -1].float()
+
+    def repeat(self, k: int) -> None:
+        self.cache.batch_repeat_interleave(k)
+        self.mask, self.pos = self.mask.repeat_interleave(k, 0), self.pos.repeat_interleave(k, 0)
+        self.logits = self.logits.repeat_interleave(k, 0)
+
+    def select(self, rows: Tensor) -> None:
+        self.cache.reorder_cache(rows) if len(rows) == self.mask.shape[0] else self.cache.batch_select_indices(rows)
+        self.mask, self.pos, self.logits = self.mask[rows], self.pos[rows], self.logits[rows]
+
+    def step(self, tokens: Tensor) -> None:
+        self.mask = torch.cat((self.mask, self.mask.new_ones(self.mask.shape[0], 1)), dim=1)
+        self.pos = self.pos[:, -1:] + 1
+        self._run(dict(input_ids=tokens[:, None]), self.pos)
+
+
+class _EncoderDecoder(_Runner):
+    def __init__(self, lm, embeds: Tensor, mask: Tensor) -> None:
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        self.lm, self.prompt_len = lm, 1
+        self.mask = mask
+        self.encoded = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+        self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        self.start = lm.generation_config.decoder_start_token_id
+        if self.start is None:
+            self.start = lm.config.decoder_start_token_id
+        self.step(torch.full((embeds.shape[0],), self.start, dtype=torch.long, device=embeds.device))
+
+    def repeat(self, k: int) -> None:
+        self.cache.batch_repeat_interleave(k)
+        self.mask, self.logits = self.mask.repeat_interleave(k, 0), self.logits.repeat_interleave(k, 0)
+        self.encoded.last_hidden_state = self.encoded.last_hidden_state.repeat_interleave(k, 0)
+
+    def select(self, rows: Tensor) -> None:
+        self.cache.reorder_cache(rows) if len(rows) == self.mask.shape[0] else self.cache.batch_select_indices(rows)
+        self.mask, self.logits = self.mask[rows], self.logits[rows]
+        self.encoded.last_hidden_state = self.encoded.last_hidden_state[rows]
+
+    def step(self, tokens: Tensor) -> None:
+        out = self.lm(encoder_outputs=self.encoded, attention_mask=self.mask, decoder_input_ids=tokens[:, None],
+                      past_key_values=self.cache, use_cache=True)
+        self.logits = out.logits[:, -1].float()
+
+
+def runner(lm, embeds: Tensor, mask: Tensor) -> _Runner:
+    return (_EncoderDecoder if lm.config.is_encoder_decoder else _DecoderOnly)(lm, embeds, mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scores
+
+
+def _penalise(scores: Tensor, history: Tensor, penalty: float) -> Tensor:
+    """transformers' repetition penalty: seen tokens' scores divided (positive) or multiplied (negative)."""
+    if penalty == 1.0 or history.shape[1] == 0:
+        return scores
+    seen = scores.gather(1, history)
+    return scores.scatter(1, history, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
+def _block_eos(scores: Tensor, eos: Tensor, step: int, min_new: int) -> Tensor:
+    if step < min_new:
+        scores = scores.clone()
+        scores[:, eos] = float("-inf")
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Greedy
+
+
+@torch.inference_mode()
+def greedy(run: _Runner, o: GenerationOptions, eos: Tensor, fill: int) -> Tensor:
+    """Argmax decoding; a row stops at EOS (later positions get `fill`), finished rows leave the batch."""
+    rows = run.logits.shape[0]
+    device = run.logits.device
+    out = torch.full((rows, o.max_new_tokens), fill, dtype=torch.long, device=device)
+    active = torch.arange(rows, device=device)
+    history = torch.empty(rows, 0, dtype=torch.long, device=device)
+    if run.prompt_len:  # T5: the start token is part of what the penalty sees
+        history = torch.full((rows, 1), run.start, dtype=torch.long, device=device)
+    length = 0
+    for step in range(o.max_new_tokens):
+        scores = _block_eos(_penalise(run.logits, history, o.repetition_penalty), eos, step, o.min_new_tokens)
+        tokens = scores.argmax(-1)
+        out[active, step] = tokens
+        history = torch.cat((history, tokens[:, None]), dim=1)
+        length = step + 1
+        done = torch.isin(tokens, eos)
+        if step + 1 == o.max_new_tokens or bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            active, history, tokens = active[keep], history[keep], tokens[keep]
+            run.select(keep)
+        run.step(tokens)
+    return _with_prompt(run, out[:, :length])
+
+
+def _with_prompt(run: _Runner, tokens: Tensor) -> Tensor:
+    if not run.prompt_len:
+        return tokens
+    return torch.cat((tokens.new_full((tokens.shape[0], 1), run.start), tokens), dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Beam search
+
+
+@dataclass
+class _Beams:
+    """Running and finished hypotheses of B items x K beams; sequences hold generated tokens only."""
+
+    running: Tensor  # (B, K, T)
+    running_scores: Tensor  # (B, K)
+    finished: Tensor  # (B, K, T)
+    finished_scores: Tensor  # (B, K)
+    finished_len: Tensor  # (B, K)
+    is_finished: Tensor  # (B, K)
+    open: Tensor  # (B, 1): can running beams still beat the finished ones?
+
+    @classmethod
+    def start(cls, B: int, K: int, T: int, fill: int, device) -> _Beams:
+        running = torch.full((B, K, T), fill, dtype=torch.long, device=device)
+        scores = torch.zeros(B, K, device=device)
+        scores[:, 1:] = NEG  # all beams start identical: expand from the first only
+        return cls(running, scores, running.clone(), torch.full((B, K), NEG, device=device),
+                   torch.zeros(B, K, dtype=torch.long, device=device), torch.zeros(B, K, dtype=torch.bool, device=device),
+                   torch.ones(B, 1, dtype=torch.bool, device=device))
+
+
+def _gather(x: Tensor, idx: Tensor) -> Tensor:
+    while idx.dim() < x.dim():
+        idx = idx.unsqueeze(-1)
+    return torch.take_along_dim(x, idx, dim=1)
+
+
+@torch.inference_mode()
+def beam_search(run: _Runner, o: GenerationOptions, eos: Tensor, fill: int, early_stopping) -> Tensor:
+    rows = run.logits.shape[0]
+    K, T, lp = o.num_beams, o.max_new_tokens, o.length_penalty
+    R = max(2, 1 + len(eos)) * K  # candidates kept per item
+    top_k_mask = torch.arange(R, device=run.logits.device) < K
+    run.repeat(K)
+    b = _Beams.start(rows, K, T, fill, run.logits.device)
+    offsets = torch.arange(rows, device=run.logits.device)[:, None] * K
+    for step in range(T):
+        history = b.running[:, :, :step].reshape(rows * K, step)
+        if run.prompt_len:
+            history = torch.cat((history.new_full((rows * K, 1), run.start), history), dim=1)
+        logp = F.log_softmax(run.logits, dim=-1)
+        logp = _block_eos(_penalise(logp, history, o.repetition_penalty), eos, step, o.min_new_tokens)
+        V = logp.shape[-1]
+        total = (logp.view(rows, K, V) + b.running_scores[:, :, None]).view(rows, K * V)
+        top_scores, top_idx = total.topk(R, dim=1)
+        parent, token = top_idx // V, top_idx % V
+        candidates = _gather(b.running, parent)
+        candidates[:, :, step] = token
+        hits = torch.isin(token, eos) | (step + 1 >= T)  # EOS, or the length limit
+        # running beams for the next step: the best K candidates that did not stop
+        alive = top_scores + hits.float() * NEG
+        keep = alive.topk(K, dim=1).indices
+        b.running, b.running_scores, beam_parent = _gather(candidates, keep), _gather(alive, keep), _gather(parent, keep)
+        _finish(b, candidates, top_scores, hits & top_k_mask, step, lp, early_stopping)
+        run.select((beam_parent + offsets).reshape(-1))
+        b.open &= _can_improve(b, step + 1, T, lp, early_stopping)
+        exists_open = not (bool(b.is_finished.all()) and early_stopping is True)
+        if not (bool(b.open.any()) and exists_open and not bool(hits.all())):
+            break
+        run.step(b.running[:, :, step].reshape(-1))
+    n = o.num_return_sequences
+    length = int(b.finished_len[:, :n].max())
+    return _with_prompt(run, b.finished[:, :n, :length].reshape(rows * n, length))
+
+
+def _finish(b: _Beams, candidates: Tensor, scores: Tensor, just: Tensor, step: int, lp: float, early_stopping) -> None:
+    """Merge hypotheses that just ended (among the top K candidates) into the finished set, best K kept."""
+    scored = scores / ((step + 1) ** lp)
+    full = b.is_finished.all(dim=-1, keepdim=True) & (early_stopping is True)
+    scored = scored + full.float() * NEG + (~b.open).float() * NEG + (~just).float() * NEG
+    merged_scores = torch.cat((b.finished_scores, scored), dim=1)
+    best = merged_scores.topk(b.finished_scores.shape[1], dim=1).indices
+    b.finished = _gather(torch.cat((b.finished, candidates), dim=1), best)
+    b.finished_scores = _gather(merged_scores, best)
+    b.finished_len = _gather(torch.cat((b.finished_len, torch.full_like(scores, step + 1, dtype=torch.long)), 1), best)
+    b.is_finished = _gather(torch.cat((b.is_finished, just), dim=1), best)
+
+
+def _can_improve(b: _Beams, length: int, max_len: int, lp: float, early_stopping) -> Tensor:
+    """transformers' early-stop heuristic: could the best running beam still beat the worst finished one?"""
+    best_len = max_len if early_stopping == "never" and lp > 0 else length
+    best = b.running_scores[:, :1] / (best_len**lp)
+    worst = torch.where(b.is_finished, b.finished_scores.min(dim=1, keepdim=True).values, NEG)
+    return (best > worst).any(dim=-1, keepdim=True)
+
+
+def decode(lm, embeds: Tensor, mask: Tensor, o: GenerationOptions, eos_ids: list[int], pad_id: int | None) -> Tensor:
+    """Token ids (rows * num_return_sequences, L), laid out as transformers' generate returns them."""
+    eos = torch.tensor(eos_ids, device=embeds.device)
+    with torch.inference_mode():
+        run = runner(lm, embeds, mask)
+        if o.num_beams == 1:  # generate pads finished rows with the pad id
+            return greedy(run, o, eos, eos_ids[0] if pad_id is None else pad_id)
+        # beam search fills with `pad or eos` (so a pad id of 0, as T5's, falls back to EOS)
+        return beam_search(run, o, eos, pad_id if pad_id else eos_ids[0], lm.generation_config.early_stopping)
