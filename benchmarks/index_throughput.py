@@ -10,10 +10,15 @@ tokenizer) and loaded with `load_model`, as `blip2 index --model DIR` would.
   index    `blip2cli.retrieval.indexer.index_images` with the real `ModelEncoder` from the JPEG files into a fresh
            index folder: stat + sha256, decode + resize in the worker threads, embed, SQLite + vector shards,
            FAISS index + manifest (with its recall/latency measurement). The model is loaded once, before.
-Runs alternate (forward, index, forward, ...); medians are reported. ratio = index img/s / forward img/s: 1.0 means
-decoding, hashing and writing are completely hidden behind the model. Also, per image on one thread: sha256,
-JPEG decode, resize + normalise; and where the index runs' time went (model, store commits, FAISS build, the rest:
-waiting for decoded images, the file diff).
+Runs alternate (forward, index, index, forward, ...); medians are reported. ratio = index img/s / forward img/s:
+1.0 means decoding, hashing and writing are completely hidden behind the model. Also, per image called serially:
+sha256, JPEG decode, resize + normalise; and where the index runs' time went (model, store commits, FAISS build, the
+rest: waiting for decoded images, the file diff). The stored vectors must equal the pure forward's.
+
+OpenMP threads wait passively by default here (--omp-wait-policy). On a shared, oversubscribed CPU, libgomp's own
+spin-then-sleep burns CPU at every barrier of the pure forward (measured: 5.0-7.5 CPU s instead of 4.5 for one
+batch of 16 at load 3.6 on 2 cores), while in the index run the decode threads' OpenMP teams (more threads than
+cores) switch libgomp to short spins: with its default the forward is the slower of the two and the ratio > 1.
 
     .venv/bin/python benchmarks/index_throughput.py                 # 48 photos, batch 16, 4 repeats (~5 min)
     .venv/bin/python benchmarks/index_throughput.py --images 32 --repeats 1
@@ -32,7 +37,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,6 +52,7 @@ def build(out: Path) -> Path:
     """Save the random mid-size retrieval BLIP-2 once (about 0.8 GB in fp32)."""
     if (out / "config.json").is_file():
         return out
+    import torch
     from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerConfig, Blip2VisionConfig
 
     from tests import tiny
@@ -80,6 +85,7 @@ def photos(n: int, cache: Path) -> tuple[list[Path], str]:
     found = sorted(coco.rglob("*.jpg"), key=str)[:n] if coco.is_dir() else []
     if len(found) == n:
         return found, f"coco-mini ({coco})"
+    import torch
     from PIL import Image
 
     folder = cache / "photos"
@@ -114,9 +120,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4, help="timed runs of each measurement, alternated")
     parser.add_argument("--workers", type=int, default=4, help="decode threads (blip2 index --workers; default 4)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--omp-wait-policy", choices=["passive", "active", "default"], default="passive",
+                        help="OMP_WAIT_POLICY for torch's threads; default: libgomp's own (see above)")  # fmt: skip
     parser.add_argument("--cache", type=Path, default=ROOT / ".bench" / "blip2-itm-mid")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.omp_wait_policy != "default":
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()  # read once, when torch loads libgomp
+    import torch
 
     from blip2cli.data.images import load_image
     from blip2cli.model.load import load_model
@@ -158,7 +169,8 @@ def main() -> None:
     print(f"setup {time.perf_counter() - t0:.0f} s (model load {t_load:.1f} s); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters; {len(files)} images from {source}; "
-          f"batch {bs}, {args.workers} decode workers, fp32", flush=True)  # fmt: skip
+          f"batch {bs}, {args.workers} decode workers, fp32, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}", flush=True)  # fmt: skip
 
     def forward() -> np.ndarray:
         with torch.inference_mode():

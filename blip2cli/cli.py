@@ -73,10 +73,6 @@ def _root(
     """BLIP-2 from the terminal."""
 
 
-def _not_built(command: str) -> None:
-    raise UsageError(f"`blip2 {command}` is not built yet in this version")
-
-
 @command(app)
 def env(json_out: JsonOpt = False) -> None:
     """Print versions of the project, Python, torch, transformers, faiss, CUDA, devices and Java."""
@@ -520,16 +516,16 @@ def search(
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).", dir_okay=False)]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a recipe value: key.sub=value (a YAML scalar; repeatable), "
-                 "e.g. --set train.lr=1e-5 --set data.train[0].path=my.json."),
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe value: key.sub=value (a YAML scalar; "
+                 "repeatable), e.g. --set train.lr=1e-5 --set data.train[0].path=my.json."),
 ]
 TrainOutOpt = Annotated[
     Path | None, typer.Option("--out", help="Output folder (step-N/, final/, metrics.jsonl). Default: runs/RECIPE.")
 ]
 ResumeOpt = Annotated[
     str | None,
-    typer.Option("--resume", help="'auto': continue from the newest step folder in --out (or start fresh); "
-                 "or a step folder."),
+    typer.Option("--resume", metavar="auto|DIR", help="'auto': continue from the newest step folder in --out "
+                 "(or start fresh); or a step folder."),
 ]
 MaxStepsOpt = Annotated[
     int | None,

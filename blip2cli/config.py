@@ -322,8 +322,10 @@ class DataConfig:
             raise UsageError("randaugment: needs augment: true")
         if "{}" not in self.question_template:
             raise UsageError(f"question_template: must contain {{}} for the question, got {self.question_template!r}")
-        if self.num_workers < 0 or self.val_batches < 1:
-            raise UsageError("num_workers: expected 0 or more" if self.num_workers < 0 else "val_batches: expected >= 1")
+        if self.num_workers < 0:
+            raise UsageError(f"num_workers: expected 0 or more, got {self.num_workers}")
+        if self.val_batches < 1:
+            raise UsageError(f"val_batches: expected at least 1, got {self.val_batches}")
 
 
 @dataclass
@@ -455,7 +457,8 @@ class Recipe:
         for split in ("train", "val"):
             for i, source in enumerate(getattr(self.data, split)):
                 key = f"data.{split}[{i}]"
-                if source.kind != "webdataset" or not any(c in source.path for c in "{*?[") and "://" not in source.path:
+                pattern = any(c in source.path for c in "{*?[") or "://" in source.path
+                if source.kind != "webdataset" or not pattern:  # shard patterns and URLs are checked when read
                     _must_exist(source.path, f"{key}.path")
                 if source.image_root:
                     _must_exist(source.image_root, f"{key}.image_root")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import torch
 
 from blip2cli.config import GenerationOptions
 from blip2cli.model import decode

@@ -8,7 +8,6 @@ import torch
 from blip2cli.errors import UsageError
 from blip2cli.model import names as N
 from blip2cli.model.export import export_hf
-from blip2cli.model.lavis import load_lavis
 from blip2cli.model.load import load_model
 from blip2cli.model.weights import read_safetensors
 from tests import tiny
@@ -56,10 +55,11 @@ def test_lavis_stage1_file_with_separate_vision(tmp_path, tiny_retrieval_model_d
     torch.save({"model": state}, pth)
     (tmp_path / "tok").mkdir()
     model.tokenizer.save_pretrained(tmp_path / "tok")
-    with pytest.raises(UsageError, match="no vision weights"):
+    with pytest.raises(UsageError, match="no vision weights: give --model a model .yaml"):
         load_model(str(pth), "cpu", "float32")
-    lavis = load_lavis(pth, ("cpu", "float32"), str(pth), str(tiny_retrieval_model_dir), None,
-                         tokenizer=str(tmp_path / "tok"))
+    (tmp_path / "lavis.yaml").write_text(
+        f"checkpoint: blip2_pretrained.pth\nvision: {tiny_retrieval_model_dir}\ntokenizer: tok\n")
+    lavis = load_model(str(tmp_path / "lavis.yaml"), "cpu", "float32")  # what --model takes
     assert lavis.temp.item() == pytest.approx(0.05)
     assert lavis.ln_vision.eps == 1e-5  # LAVIS's ln_vision eps; HF's is 1e-6 (spec §2.1)
     lavis.ln_vision.eps = model.ln_vision.eps

@@ -199,14 +199,23 @@ def test_resumed_run_matches_uninterrupted_run(assets, tmp_path):
     assert sorted(p.name for p in (tmp_path / "b").glob("step-*")) == ["step-00000009", "step-00000012"]
 
 
-def test_feature_cache_changes_nothing_but_speed(assets, tmp_path):
-    """Without augmentation, cached frozen features give the same losses as running the ViT every time."""
+def test_feature_cache_changes_nothing_but_speed(assets, tmp_path, monkeypatch):
+    """Without augmentation, cached frozen features give the same losses as running the ViT every time, and
+    the second epoch never runs the ViT."""
+    from blip2cli.model.vision import VisionEncoder
+
+    towers = []
+    forward = VisionEncoder.forward
+    monkeypatch.setattr(VisionEncoder, "forward", lambda self, x: towers.append(len(x)) or forward(self, x))
     sets = _sets(assets, 6, **{"data.train[0].path": assets["one_caption"], "data.augment": "false",
                                "train.global_batch_size": 4})
     plain = _train(["pretrain", "--stage", "1", str(RECIPE), "--out", str(tmp_path / "plain"), "--json", *sets])
+    assert towers == [4] * 6  # 3 steps per epoch, 2 epochs
+    towers.clear()
     cache = tmp_path / "cache"
     cached = _train(["pretrain", "--stage", "1", str(RECIPE), "--out", str(tmp_path / "cached"), "--json", *sets,
                      "--set", f"train.feature_cache={cache}"])
+    assert towers == [1] + [4] * 3  # a probe for the shape, then epoch 1 only
     assert _losses(plain) == pytest.approx(_losses(cached), abs=1e-6)
     meta = json.loads((cache / "meta.json").read_text())
     assert len(meta["keys"]) == 12 and meta["shape"] == [5, 64]  # 2 x 2 patches + CLS, width 64
@@ -267,7 +276,8 @@ def test_retrieval_finetune_trains_the_vit_with_layer_decay(assets, stage1, tmp_
     assert lines[-1]["step"] == 3 and all("itc" in r for r in lines[:-1])
     from blip2cli.model.load import load_model
 
-    tuned, base = load_model(str(tmp_path / "ft" / "final"), "cpu", "float32"), load_model(str(stage1[0] / "final"), "cpu", "float32")
+    tuned = load_model(str(tmp_path / "ft" / "final"), "cpu", "float32")
+    base = load_model(str(stage1[0] / "final"), "cpu", "float32")
     name = "vision.tower.blocks.1.mlp.fc1.weight"
     assert not torch.equal(dict(tuned.named_parameters())[name], dict(base.named_parameters())[name])
 
@@ -353,25 +363,26 @@ def test_text_formats(assets):
     assert TextFormat("decoder", "a photo of")(caption, rng) == {"input": "a photo of a dog running on the beach"}
     split = TextFormat("seq2seq_split")(caption, rng)
     assert f"{split['input']} {split['output']}" == caption["text"] and 1 <= len(split["input"].split()) <= 3
-    assert TextFormat("seq2seq_prompt", "a photo of")(caption, rng) == {"input": "a photo of", "output": caption["text"]}
+    prompted = TextFormat("seq2seq_prompt", "a photo of")(caption, rng)
+    assert prompted == {"input": "a photo of", "output": caption["text"]}
     question = {"text": "what is the dog doing?", "answers": ["Running"]}
+    asked = "Question: what is the dog doing? Answer:"
     assert TextFormat("vqa_decoder", template="Question: {} Answer:")(question, rng) == {
-        "input": "Question: what is the dog doing? Answer: running", "prompt": "Question: what is the dog doing? Answer:"}
+        "input": f"{asked} running", "prompt": asked}
     assert TextFormat("vqa_seq2seq", template="Q: {} A:")(question, rng) == {"input": "Q: what is the dog doing? A:",
                                                                             "output": "running"}
 
 
 def test_per_sample_prompts_equal_the_batch_prompt_when_they_agree(tiny_opt_dir):
     from blip2cli.model.load import load_model
-    from blip2cli.train.loop import decoder_loss_per_prompt
     from tests import tiny
 
     model = load_model(str(tiny_opt_dir), "cpu", "float32")
     px, texts = tiny.pixels(2), ["a photo of a dog", "a photo of two cats on a pink blanket"]
     with torch.no_grad():
-        ours = decoder_loss_per_prompt(model, px, texts, ["a photo of"] * 2)
+        ours = model.stage2_loss(px, texts, ["a photo of"] * 2).loss
         reference = model.stage2_loss(px, texts, "a photo of").loss
-        other = decoder_loss_per_prompt(model, px, texts, ["a photo", "a photo of two cats"])
+        other = model.stage2_loss(px, texts, ["a photo", "a photo of two cats"]).loss
     assert abs(float(ours) - float(reference)) < 1e-6 and abs(float(other) - float(reference)) > 1e-4
 
 
@@ -394,3 +405,36 @@ def test_webdataset_shards_train(assets, tmp_path):
                                "data.train[0].image_root": "", "data.train[0].size": 12, "data.val": "[]"})
     lines = _train(["pretrain", "--stage", "1", str(RECIPE), "--out", str(tmp_path / "wds"), "--json", *sets])
     assert lines[-1]["step"] == 5 and lines[-2]["epoch"] == pytest.approx(10 / 3, abs=1e-3)
+
+
+def test_vqa_finetune_on_a_decoder_llm(assets, tmp_path):
+    """VQA lines train through OPT with each question masked out of the loss; caption files are refused."""
+    questions = tmp_path / "vqa.jsonl"
+    names = sorted(p.name for p in assets["images"].glob("*.jpg"))
+    questions.write_text("".join(json.dumps({"image": n, "question": "What is in the picture?",
+                                             "answers": ["a photo", "a photo", "nothing"]}) + "\n" for n in names))
+    sets = _sets(assets, 2, **{"task": "vqa", "stage": 0, "model.llm.name": assets["opt"],
+                               "model.qformer.text": "false", "data.train[0].kind": "jsonl",
+                               "data.train[0].path": questions, "data.val": "[]"})
+    lines = _train(["finetune", str(RECIPE), "--out", str(tmp_path / "vqa"), "--json", *sets])
+    assert lines[-1]["step"] == 2
+    caption_file = ["--set", "data.train[0].kind=coco", "--set", f"data.train[0].path={assets['captions']}"]
+    wrong = runner.invoke(app, ["finetune", str(RECIPE), "--out", str(tmp_path / "x"), *sets, *caption_file])
+    assert wrong.exit_code == 2 and "data.train: vqa needs jsonl sources" in wrong.stderr
+
+
+def test_resume_choices(tmp_path):
+    from blip2cli.errors import UsageError
+    from blip2cli.train.checkpoint import TrainerState, find_resume
+
+    assert find_resume(tmp_path, None) is None and find_resume(tmp_path, "auto") is None
+    for step in (3, 12):
+        folder = tmp_path / f"step-{step:08d}"
+        folder.mkdir()
+        TrainerState(step=step).write(folder)
+    (tmp_path / ".step-00000015.tmp").mkdir()  # a save that never finished is ignored
+    assert find_resume(tmp_path, "auto") == tmp_path / "step-00000012"
+    with pytest.raises(UsageError, match="already holds checkpoints"):
+        find_resume(tmp_path, None)
+    with pytest.raises(UsageError, match="not a step folder"):
+        find_resume(tmp_path, str(tmp_path / "step-00000003"))  # no weights in it

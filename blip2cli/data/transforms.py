@@ -121,10 +121,9 @@ def _affine(
 def _normalized(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 HWC -> normalised float32 CHW. Computed in float64 and rounded once, so the result is the exact
     value to float32 precision (transformers' PIL processor agrees to ~1e-7)."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float64) / 255.0).permute(2, 0, 1)  # (3, H, W)
-    mean_t = torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
-    return ((pixels - mean_t) / std_t).float().contiguous()
+    # numpy rather than torch: this runs in decode threads, where torch's small ops spin OpenMP threads
+    x = (np.asarray(image, dtype=np.float64) / 255.0 - np.asarray(mean, np.float64)) / np.asarray(std, np.float64)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))  # (3, H, W)
 
 
 # ---------------------------------------------------------------------------------------------------------------

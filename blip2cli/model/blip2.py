@@ -157,10 +157,11 @@ class Blip2(nn.Module):
         logits = self._itm(pairs.image_embeds, pairs.text_ids, pairs.text_mask)
         return losses.itm_loss(logits, embeds.shape[0])
 
-    def stage2_loss(self, pixels: Tensor, texts: Sequence[str], prompt: str = "",
+    def stage2_loss(self, pixels: Tensor, texts: Sequence[str], prompt: str | Sequence[str] = "",
                     outputs: Sequence[str] | None = None) -> Stage2Output:
         """LM loss through the frozen LLM (spec §5). Decoder-only: `texts` are prompt + caption, the prompt
-        (BOS included) is masked. Flan-T5: `texts` go to the encoder and `outputs` are the targets."""
+        (BOS included) is masked; `prompt` is one for the batch or one per sample (VQA: each question).
+        Flan-T5: `texts` go to the encoder and `outputs` are the targets."""
         prefix = self.llm_prefix(self.vision_embeds(pixels))  # (B, Q, d_llm)
         if self.llm.is_encoder_decoder:
             if outputs is None:

@@ -1,14 +1,23 @@
-"""LAVIS `.pth` checkpoints: partial state dicts under "model" (spec §9.1), their config read from the shapes."""
+"""LAVIS `.pth` checkpoints: partial state dicts under "model" (spec §9.1), their config read from the shapes.
+
+Files without a ViT, and stage-2 files, need their other parts named. From the command line that is a small YAML
+model file given to `--model`:
+
+    checkpoint: blip2_pretrained_opt2.7b.pth   # relative to this file
+    vision: Salesforce/blip2-opt-2.7b          # eva_vit_g.pth, or a BLIP-2 folder / hub id whose ViT is the same
+    llm: facebook/opt-2.7b
+    tokenizer: bert-base-uncased               # the Q-Former's (stage-1 files only)
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import Tensor
 
-from blip2cli.config import LLMConfig, ModelConfig, QFormerConfig, VisionConfig
+from blip2cli.config import LLMConfig, ModelConfig, QFormerConfig, VisionConfig, from_dict
 from blip2cli.errors import UsageError
 from blip2cli.model.blip2 import Blip2
 from blip2cli.model.load import _fingerprint, build_model, download, fill, finish, model_config_from_hf
@@ -28,11 +37,12 @@ def load_lavis(path: Path, place_args: tuple[str, str], name: str, vision: str |
         raise UsageError(f"{path}: not a LAVIS BLIP-2 checkpoint (no query_tokens)")
     has_vision = any(k.startswith("visual_encoder.") for k in state)
     if not has_vision and not vision:
-        raise UsageError(f"{path} has no vision weights: name them with --vision (eva_vit_g.pth, or a BLIP-2 hub id "
-                         "such as Salesforce/blip2-itm-vit-g whose ViT is the same)")
+        raise UsageError(f"{path} has no vision weights: give --model a model .yaml naming `checkpoint` and `vision` "
+                         "(eva_vit_g.pth, or a BLIP-2 hub id such as Salesforce/blip2-itm-vit-g whose ViT is the same)")
     cfg = _lavis_config(state, path, llm, vision)
     if cfg.llm.enabled and not llm:
-        raise UsageError(f"{path} is a stage-2 checkpoint: name its frozen LLM with --llm (e.g. facebook/opt-2.7b)")
+        raise UsageError(f"{path} is a stage-2 checkpoint: give --model a model .yaml naming `checkpoint`, `vision` "
+                         "and its frozen `llm` (e.g. facebook/opt-2.7b)")
     cfg = replace(cfg, vision=replace(cfg.vision, weights="" if has_vision else str(vision)),
                   qformer=replace(cfg.qformer, tokenizer=tokenizer))
     model = build_model(cfg, place_args, initialize=False)
@@ -93,3 +103,36 @@ def _eva_config(state: dict[str, Tensor]) -> VisionConfig:
     return VisionConfig(width=width, depth=39 if blocks == 40 else blocks, heads=16 if width == 1408 else width // 64,
                         mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0], patch_size=patch, image_size=grid * patch,
                         qkv_bias="blocks.0.attn.q_bias" in state)
+
+
+@dataclass
+class LavisModelFile:
+    """What a model .yaml names (see the module docstring)."""
+
+    checkpoint: str
+    vision: str | None = None
+    llm: str | None = None
+    tokenizer: str = "bert-base-uncased"
+
+
+def read_model_file(path: Path) -> LavisModelFile:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML ({_first(exc)})") from None
+    spec = from_dict(LavisModelFile, raw, path.name)
+    here = path.parent
+
+    def local(value: str | None) -> str | None:  # paths are relative to the model file; hub ids stay as they are
+        return str(here / value) if value and (here / value).exists() else value
+
+    checkpoint = Path(local(spec.checkpoint))
+    if not checkpoint.is_file():
+        raise UsageError(f"{path}: checkpoint {spec.checkpoint!r} not found")
+    return LavisModelFile(str(checkpoint), local(spec.vision), local(spec.llm), local(spec.tokenizer) or spec.tokenizer)
+
+
+def _first(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0]

@@ -125,15 +125,16 @@ class FrozenLLM(nn.Module):
         return kwargs
 
     def decoder_loss_inputs(
-        self, prefix: Tensor, texts: Sequence[str], prompt: str
+        self, prefix: Tensor, texts: Sequence[str], prompt: str | Sequence[str]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Stage-2 training batch for decoder-only LLMs: embeds, mask, ids and prompt lengths (BOS counted).
         Each text is `prompt + caption` already; `eos_text` is appended here (spec §5.2)."""
         ids, mask = self._tokens([t + self.eos_text for t in texts], "right", self.max_text_len)
-        prompt_len = len(self.tokenizer(prompt).input_ids) if prompt else 0
+        prompts = [prompt] * len(texts) if isinstance(prompt, str) else list(prompt)
+        lengths = [len(self.tokenizer(p).input_ids) if p else 0 for p in prompts]
         embeds = torch.cat((prefix.to(self.dtype), self._embed(ids)), dim=1)
         full_mask = torch.cat((mask.new_ones(prefix.shape[:2]), mask), dim=1)
-        return embeds, full_mask, ids, torch.full((ids.shape[0],), prompt_len, device=ids.device)
+        return embeds, full_mask, ids, torch.tensor(lengths, device=ids.device)
 
     def seq2seq_loss(self, prefix: Tensor, inputs: Sequence[str], outputs: Sequence[str]) -> Tensor:
         """Flan-T5 stage-2 / fine-tune loss: encoder [prefix ; input], decoder targets `outputs` (T5's CE)."""

@@ -395,11 +395,14 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", *, 
         raise UsageError(f"{path}: not a BLIP-2 checkpoint (expected a Hugging Face BLIP-2 config.json, "
                          f"or {RUN_RECIPE} + {RUN_WEIGHTS} from blip2 pretrain/finetune)")
     if path.is_file():
-        if path.suffix in (".pth", ".pt", ".bin"):
-            from blip2cli.model.lavis import load_lavis
+        from blip2cli.model.lavis import load_lavis, read_model_file
 
+        if path.suffix in (".yaml", ".yml"):  # a LAVIS checkpoint with its ViT and LLM named
+            spec = read_model_file(path)
+            return load_lavis(Path(spec.checkpoint), args, name_or_path, spec.vision, spec.llm, spec.tokenizer)
+        if path.suffix in (".pth", ".pt", ".bin"):
             return load_lavis(path, args, name_or_path, vision, llm)
-        raise UsageError(f"{path}: not a checkpoint file (expected a LAVIS .pth, or a model directory)")
+        raise UsageError(f"{path}: not a checkpoint file (expected a LAVIS .pth, a model .yaml or a model folder)")
     if _looks_like_hub_id(name_or_path):
         return load_hf_dir(download(name_or_path), args, name_or_path)
     raise UsageError(f"no such model: {name_or_path!r} (not a file, a folder or a hub id)")

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from blip2cli.config import Recipe, save_recipe
 from blip2cli.errors import UsageError
-from blip2cli.model import losses
 from blip2cli.model.blip2 import Blip2
 from blip2cli.train import checkpoint as ckpt
 from blip2cli.train.data import Batch, TrainData, ValBatches, build_train_data, build_val_batches
@@ -53,9 +52,8 @@ class Objective(nn.Module):
         if self.stage1:
             out = self.model.stage1_loss(images, batch.texts, batch.image_ids if self.multi_positive else None)
             return {"loss": out.loss, "itc": out.itc, "itm": out.itm, "itg": out.itg}
-        if batch.prompts is not None:  # VQA on a decoder-only LLM: one prompt (the question) per sample
-            return {"loss": decoder_loss_per_prompt(self.model, images, batch.texts, batch.prompts)}
-        return {"loss": self.model.stage2_loss(images, batch.texts, self.prompt, batch.outputs).loss}
+        prompt = batch.prompts if batch.prompts is not None else self.prompt  # VQA: each sample's question
+        return {"loss": self.model.stage2_loss(images, batch.texts, prompt, batch.outputs).loss}
 
     def _images(self, batch: Batch) -> Tensor:
         """With the feature cache: cached rows as they are, the others through the frozen ViT, then stored."""
@@ -71,17 +69,6 @@ class Objective(nn.Module):
         features = batch.features.to(fresh.dtype).clone()
         features[~cached.to(features.device)] = fresh
         return features
-
-
-def decoder_loss_per_prompt(model: Blip2, images: Tensor, texts: list[str], prompts: list[str]) -> Tensor:
-    """Stage-2 LM loss on a decoder-only LLM with each sample's own prompt masked, BOS included (spec §5.2);
-    `Blip2.stage2_loss` takes one prompt for the whole batch."""
-    prefix = model.llm_prefix(model.vision_embeds(images))  # (B, Q, d_llm)
-    embeds, mask, ids, _ = model.llm.decoder_loss_inputs(prefix, texts, "")
-    lengths = torch.tensor([len(model.llm.tokenizer(p).input_ids) for p in prompts], device=ids.device)
-    logits = model.llm.model(inputs_embeds=embeds, attention_mask=mask).logits  # (B, Q + T, V)
-    labels = losses.stage2_decoder_labels(ids, mask[:, prefix.shape[1]:], lengths, prefix.shape[1])
-    return losses.lm_loss(logits.float(), labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
