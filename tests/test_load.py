@@ -145,3 +145,36 @@ def test_missing_and_unexpected_weights_are_named(tmp_path, tiny_opt_dir):
         save_file(state, str(d / "model.safetensors"))
         with pytest.raises(UsageError, match=f"{case} weights: qformer.encoder.layer.0"):
             load_model(str(d), "cpu", "float32")
+
+
+def test_lavis_stage2_file_with_vision_and_llm_named(tmp_path, tiny_opt_dir):
+    """A stage-2 LAVIS file has the Q-Former query path and opt_proj only: ViT and LLM come from elsewhere."""
+    model = load_model(str(tiny_opt_dir), "cpu", "float32")
+    state = {N.ours_to_lavis(k): v for k, v in model.state_dict().items()
+             if not k.startswith(("vision.", "llm."))}
+    assert "opt_proj.weight" in state and not any(k.startswith("visual_encoder.") for k in state)
+    torch.save({"model": state}, tmp_path / "blip2_pretrained_opt.pth")
+    model.llm.model.save_pretrained(tmp_path / "opt")
+    model.llm.tokenizer.save_pretrained(tmp_path / "opt")
+    with pytest.raises(UsageError, match="stage-2 checkpoint"):
+        (tmp_path / "no-llm.yaml").write_text(f"checkpoint: blip2_pretrained_opt.pth\nvision: {tiny_opt_dir}\n")
+        load_model(str(tmp_path / "no-llm.yaml"), "cpu", "float32")
+    (tmp_path / "m.yaml").write_text(f"checkpoint: blip2_pretrained_opt.pth\nvision: {tiny_opt_dir}\nllm: opt\n")
+    lavis = load_model(str(tmp_path / "m.yaml"), "cpu", "float32")
+    lavis.ln_vision.eps = model.ln_vision.eps  # LAVIS's 1e-5 against HF's 1e-6
+    px = tiny.pixels(2, seed=8)
+    with torch.no_grad():
+        a = model.llm.prompt_logits(model.llm_prefix(model.vision_embeds(px)), ["a photo of"] * 2)
+        b = lavis.llm.prompt_logits(lavis.llm_prefix(lavis.vision_embeds(px)), ["a photo of"] * 2)
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_position_embeddings_interpolate_for_larger_images():
+    from blip2cli.model.vision import interpolate_pos_embed
+
+    table = torch.randn(1, 1 + 16 * 16, 8)
+    out = interpolate_pos_embed(table, 1 + 26 * 26)  # 224 -> 364 px with 14-px patches
+    assert out.shape == (1, 677, 8) and torch.equal(out[:, 0], table[:, 0])  # CLS kept
+    grid = table[:, 1:].reshape(1, 16, 16, 8).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(26, 26), mode="bicubic", align_corners=False)
+    assert torch.allclose(out[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 676, 8))

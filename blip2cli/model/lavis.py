@@ -40,7 +40,7 @@ def load_lavis(path: Path, place_args: tuple[str, str], name: str, vision: str |
         raise UsageError(f"{path} has no vision weights: give --model a model .yaml naming `checkpoint` and `vision` "
                          "(eva_vit_g.pth, or a BLIP-2 hub id such as Salesforce/blip2-itm-vit-g whose ViT is the same)")
     cfg = _lavis_config(state, path, llm, vision)
-    if cfg.llm.enabled and not llm:
+    if ("opt_proj.weight" in state or "t5_proj.weight" in state) and not llm:
         raise UsageError(f"{path} is a stage-2 checkpoint: give --model a model .yaml naming `checkpoint`, `vision` "
                          "and its frozen `llm` (e.g. facebook/opt-2.7b)")
     cfg = replace(cfg, vision=replace(cfg.vision, weights="" if has_vision else str(vision)),
