@@ -856,7 +856,14 @@ def eval_retrieval(
         net, pixels = _eval_model(model, device, dtype)
         net.cfg.qformer.max_text_len = 35  # spec §8: retrieval evaluation pads/truncates texts at 35 tokens
         texts = [clean_caption(t) for t in data.texts]
-        i2t, t2i = retrieval.retrieval_scores(net, paths, texts, pixels, batch_size, k_test)
+        log = None
+        if out is not None:
+            from blip2cli.eval import check_run
+
+            check_run(out, {"task": f"retrieval-{dataset}", "model": model, "annotations": str(annotations),
+                            "k_test": k_test})  # fmt: skip
+            log = out / "itm_rows.jsonl"  # a rerun with the same --out resumes the ITM re-ranking
+        i2t, t2i = retrieval.retrieval_scores(net, paths, texts, pixels, batch_size, k_test, log=log)
         keep = max(k_test, 10)  # beyond k every cell is -100 and ranks by index: the saved lists are lossless
         i2t_ranked, t2i_ranked = retrieval.top_rankings(i2t, keep), retrieval.top_rankings(t2i, keep)
         rankings = {"dataset": dataset, "k_test": k_test, "i2t": i2t_ranked, "t2i": t2i_ranked}

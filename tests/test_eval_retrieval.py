@@ -113,3 +113,25 @@ def test_read_retrieval_annotations(tmp_path):
     path.write_text(json.dumps({"questions": []}))
     with pytest.raises(UsageError, match="not a COCO caption file.*VQA question file"):
         ds.read_retrieval_annotations(path)
+
+
+def test_rerank_resumes_from_its_row_log(tmp_path):
+    """A run stopped part-way: logged rows are read back, the rest computed; the result equals one run."""
+    from blip2cli.eval.retrieval import rerank_scores
+
+    itc = torch.rand(5, 7, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def itm(images, texts):
+        calls.append(len(images))
+        return (images * 10 + texts).float() / 100
+
+    full_i2t, full_t2i = rerank_scores(itc, itm, k=3)
+    log = tmp_path / "rows.jsonl"
+    rerank_scores(itc, itm, k=3, log=log)
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:6]) + "\n" + lines[6][:10])  # killed while writing row 7
+    calls.clear()
+    i2t, t2i = rerank_scores(itc, itm, k=3, log=log)
+    assert torch.equal(i2t, full_i2t) and torch.equal(t2i, full_t2i)
+    assert len(calls) == 5 + 7 - 6  # only the rows not logged were computed again

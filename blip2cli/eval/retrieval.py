@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,26 +31,64 @@ def itc_scores(image_feats: Tensor, text_feats: Tensor, chunk: int = 256) -> Ten
     return torch.cat(rows)
 
 
-def rerank_scores(itc: Tensor, itm_fn: ItmFn, k: int, show_progress: bool = False) -> tuple[Tensor, Tensor]:
-    """The two-stage scores: i2t (I, T) and t2i (T, I), ITM + ITC on each row's top k by ITC, -100 elsewhere."""
-    i2t = _rerank_rows(itc, lambda row, cols: itm_fn(torch.full_like(cols, row), cols), k, show_progress, "image→text")
-    t2i = _rerank_rows(
-        itc.T, lambda row, cols: itm_fn(cols, torch.full_like(cols, row)), k, show_progress, "text→image"
-    )
+def rerank_scores(
+    itc: Tensor, itm_fn: ItmFn, k: int, show_progress: bool = False, log: Path | None = None
+) -> tuple[Tensor, Tensor]:
+    """The two-stage scores: i2t (I, T) and t2i (T, I), ITM + ITC on each row's top k by ITC, -100 elsewhere.
+    With `log`, every re-ranked row is appended there and rows already in it are not computed again (resume)."""
+    rows = RowLog(log) if log is not None else None
+    i2t = _rerank_rows(itc, lambda row, cols: itm_fn(torch.full_like(cols, row), cols), k, show_progress,
+                       "image→text", rows)
+    t2i = _rerank_rows(itc.T, lambda row, cols: itm_fn(cols, torch.full_like(cols, row)), k, show_progress,
+                       "text→image", rows)
     return i2t, t2i
 
 
 def _rerank_rows(
-    itc: Tensor, pair_itm: Callable[[int, Tensor], Tensor], k: int, show_progress: bool, description: str
+    itc: Tensor, pair_itm: Callable[[int, Tensor], Tensor], k: int, show_progress: bool, description: str,
+    log: RowLog | None = None,
 ) -> Tensor:
     from blip2cli.render import progress
 
     out = torch.full(itc.shape, FILL, dtype=torch.float32, device=itc.device)
+    done = log.rows(description) if log is not None else {}
     rows = range(itc.shape[0])
     for row in progress(rows, len(rows), f"ITM {description}") if show_progress else rows:
+        if row in done:
+            cols, values = done[row]
+            out[row, cols] = values.to(itc.device)
+            continue
         top = itc[row].topk(min(k, itc.shape[1])).indices  # (k,)
         out[row, top] = pair_itm(row, top).float().to(itc.device) + itc[row, top].float()
+        if log is not None:
+            log.add(description, row, top, out[row, top])
     return out
+
+
+class RowLog:
+    """Re-ranked rows as JSONL ({"dir", "row", "cols", "scores"}), appended and flushed row by row. ITM over the
+    top k of every row dominates a retrieval run, so a rerun reads these instead of recomputing them; a line cut
+    short by a kill is dropped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict[str, dict[int, tuple[Tensor, Tensor]]] = {}
+        if path.is_file():
+            data = path.read_bytes()
+            whole = data[: data.rfind(b"\n") + 1]
+            if len(whole) != len(data):
+                path.write_bytes(whole)
+            for line in whole.decode("utf-8").splitlines():
+                r = json.loads(line)
+                self.done.setdefault(r["dir"], {})[r["row"]] = (torch.tensor(r["cols"]), torch.tensor(r["scores"]))
+
+    def rows(self, direction: str) -> dict[int, tuple[Tensor, Tensor]]:
+        return self.done.get(direction, {})
+
+    def add(self, direction: str, row: int, cols: Tensor, scores: Tensor) -> None:
+        record = {"dir": direction, "row": row, "cols": cols.tolist(), "scores": scores.tolist()}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def gt_ranks(scores: Tensor, positives: Sequence[Sequence[int]]) -> list[int]:
@@ -107,8 +146,10 @@ def retrieval_scores(
     batch_size: int,
     k: int,
     text_batch_size: int = 256,
+    log: Path | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Embed every text and image, then the two-stage scores (texts already cleaned by the caller)."""
+    """Embed every text and image, then the two-stage scores (texts already cleaned by the caller). With `log`,
+    re-ranked rows are kept there and a rerun continues where the last one stopped."""
     from blip2cli.render import progress
 
     device = model.device
@@ -130,7 +171,7 @@ def retrieval_scores(
             pair_embeds = vision[image_idx.to(vision.device)].to(device)  # (P, N, Dv)
             return model.itm_logits(pair_embeds, [texts[t] for t in text_idx.tolist()])[:, 1]
 
-        return rerank_scores(itc, itm_fn, k, show_progress=True)
+        return rerank_scores(itc, itm_fn, k, show_progress=True, log=log)
 
 
 def _on_device_if_it_fits(embeds: Tensor, device: Any) -> Tensor:
