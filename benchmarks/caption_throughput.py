@@ -41,9 +41,15 @@ def build(out: Path) -> Path:
     """Save the random mid-size BLIP-2 once (about 1.3 GB in fp32)."""
     if (out / "config.json").is_file():
         return out
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig
-    from transformers import OPTConfig
-    from transformers import Blip2Processor, BlipImageProcessor
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+    )
 
     from blip2cli.config import CLIP_MEAN, CLIP_STD
     from tests import tiny

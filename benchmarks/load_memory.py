@@ -6,7 +6,8 @@
 A random checkpoint in Hugging Face format (Blip2ForImageTextRetrieval layout, safetensors, fp32) is written once
 under .bench/. Each measurement runs in a fresh process and reads its own peak RSS (VmHWM, which counts
 memory-mapped file pages once touched; ru_maxrss would inherit the parent's peak across exec): after imports
-(baseline), after loading, and after one forward pass that touches every weight. transformers' `from_pretrained` on the same files is measured the same way as the baseline
+(baseline), after loading, and after one forward pass that touches every weight. transformers'
+`from_pretrained` on the same files is measured the same way as the baseline
 implementation. Target (issue #2): our peak while loading <= 1.25x the checkpoint's size on disk.
 """
 

@@ -152,9 +152,9 @@ def caption(
     Exit 1 when some images could not be read (each is reported on one line, the rest are captioned).
     """
     from blip2cli import caption as job
-    from blip2cli.model import presets
     from blip2cli.config import GenerationOptions
     from blip2cli.data.inputs import expand_inputs
+    from blip2cli.model import presets
     from blip2cli.render import console, emit, error, progress, table, warn
 
     paths = expand_inputs(inputs)
@@ -278,8 +278,8 @@ def ask(
     Exit 1 when an image could not be read or a --batch line was unusable (each reported, the rest answered).
     """
     from blip2cli import caption as job
-    from blip2cli.model import presets
     from blip2cli.config import GenerationOptions
+    from blip2cli.model import presets
 
     if instruct and template is not None:
         raise UsageError("--template: not used with --instruct (the text is sent as typed)")
@@ -698,8 +698,8 @@ def eval_caption(
     """
     from blip2cli.eval import caption as cap
     from blip2cli.eval import check_run
-    from blip2cli.model import presets
     from blip2cli.eval import datasets as ds
+    from blip2cli.model import presets
 
     _eval_inputs(predictions, model, images)
     chosen = [m.strip() for m in metrics.split(",") if m.strip()]
@@ -766,8 +766,8 @@ def eval_vqa(
 ) -> None:
     """VQAv2 / OK-VQA accuracy (official VQA rules, 0-100) and GQA exact-match accuracy."""
     from blip2cli.eval import check_run, vqa
-    from blip2cli.model import presets
     from blip2cli.eval import datasets as ds
+    from blip2cli.model import presets
 
     _eval_inputs(predictions, model, images)
     if dataset == "gqa":

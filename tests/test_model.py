@@ -143,7 +143,8 @@ def test_qformer_starts_from_bert_like_lavis(tmp_path):
     words = model.qformer.embeddings.word_embeddings.weight
     assert words.shape[0] == len(tok) and torch.equal(words[:-1], bert.bert.embeddings.word_embeddings.weight)
     assert model.qformer.cls.predictions.decoder.weight is words  # tied
-    assert torch.equal(model.qformer.cls.predictions.transform.dense.weight, bert.cls.predictions.transform.dense.weight)
+    head = model.qformer.cls.predictions.transform.dense.weight
+    assert torch.equal(head, bert.cls.predictions.transform.dense.weight)
 
 
 def test_timm_vision_tower_is_an_alternative(tmp_path):
@@ -167,3 +168,14 @@ def test_stage1_multi_positive_mode_needs_integer_ids(stage1):
     assert torch.isfinite(out.loss)
     with pytest.raises(ValueError):
         stage1.stage1_loss(tiny.pixels(3), texts, image_ids=torch.tensor([7.0, 7.0, 9.0]))
+
+
+def test_hf_retrieval_checkpoint_warns_only_when_its_itg_head_is_used(tiny_retrieval_model_dir):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = load_model(str(tiny_retrieval_model_dir), "cpu", "float32")  # retrieval use: silent
+    assert model.fresh_itg_head
+    with pytest.warns(UserWarning, match="no trained ITG head"):
+        model.generate(tiny.pixels(1), [""], GenerationOptions(num_beams=1, max_new_tokens=2))

@@ -59,6 +59,7 @@ class Blip2(nn.Module):
         self.tokenizer = tokenizer
         self.name = ""  # what --model said
         self.fingerprint = ""  # identifies the weights (retrieval indexes record it)
+        self.fresh_itg_head = False  # loaded from HF format, which cannot hold temp and the ITG head
 
     # ------------------------------------------------------------------ inference API
 

@@ -34,8 +34,9 @@ def supported(lm, o: GenerationOptions) -> bool:
     """Our loop covers greedy and beam search with the options we expose; anything else goes to `generate`."""
     g = lm.generation_config
     exotic = (g.no_repeat_ngram_size, g.bad_words_ids, g.forced_bos_token_id, g.forced_eos_token_id,
-              g.suppress_tokens, g.begin_suppress_tokens, g.sequence_bias, g.encoder_repetition_penalty not in (None, 1.0),
-              g.diversity_penalty, g.exponential_decay_length_penalty, g.renormalize_logits, g.min_length not in (None, 0))
+              g.suppress_tokens, g.begin_suppress_tokens, g.sequence_bias, g.diversity_penalty,
+              g.encoder_repetition_penalty not in (None, 1.0), g.exponential_decay_length_penalty,
+              g.renormalize_logits, g.min_length not in (None, 0))
     return not o.do_sample and not any(exotic) and g.early_stopping in (False, True, "never")
 
 
@@ -207,8 +208,9 @@ class _Beams:
         running = torch.full((B, K, T), fill, dtype=torch.long, device=device)
         scores = torch.zeros(B, K, device=device)
         scores[:, 1:] = NEG  # all beams start identical: expand from the first only
-        return cls(running, scores, running.clone(), torch.full((B, K), NEG, device=device),
-                   torch.zeros(B, K, dtype=torch.long, device=device), torch.zeros(B, K, dtype=torch.bool, device=device),
+        lengths = torch.zeros(B, K, dtype=torch.long, device=device)
+        flags = torch.zeros(B, K, dtype=torch.bool, device=device)
+        return cls(running, scores, running.clone(), torch.full((B, K), NEG, device=device), lengths, flags,
                    torch.ones(B, 1, dtype=torch.bool, device=device))
 
 
@@ -243,7 +245,8 @@ def beam_search(run: _Runner, o: GenerationOptions, eos: Tensor, fill: int, earl
         # running beams for the next step: the best K candidates that did not stop
         alive = top_scores + hits.float() * NEG
         keep = alive.topk(K, dim=1).indices
-        b.running, b.running_scores, beam_parent = _gather(candidates, keep), _gather(alive, keep), _gather(parent, keep)
+        b.running, b.running_scores = _gather(candidates, keep), _gather(alive, keep)
+        beam_parent = _gather(parent, keep)
         _finish(b, candidates, top_scores, hits & top_k_mask, step, lp, early_stopping)
         run.select((beam_parent + offsets).reshape(-1))
         b.open &= _can_improve(b, step + 1, T, lp, early_stopping)

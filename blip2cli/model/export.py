@@ -18,7 +18,6 @@ from blip2cli.model.names import fuse_qkv_biases, ours_to_hf
 from blip2cli.model.weights import save_safetensors
 
 
-
 def hf_config(model: Blip2, image_token_index: int | None):
     """Blip2Config equivalent of our ModelConfig (+ the LLM's own config)."""
     from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig

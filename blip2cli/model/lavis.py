@@ -26,7 +26,6 @@ from blip2cli.model.placement import placement
 from blip2cli.model.weights import safe_torch_load
 
 
-
 def load_lavis(path: Path, place_args: tuple[str, str], name: str, vision: str | None, llm: str | None,
                tokenizer: str = "bert-base-uncased") -> Blip2:
     """LAVIS checkpoints are partial state dicts under "model" (spec §9.1). Stage-1 files keep the ITG head and
@@ -82,7 +81,8 @@ def _lavis_config(state: dict[str, Tensor], path: Path, llm: str | None, vision:
     proj = state.get("vision_proj.weight")
     hidden = queries.shape[-1]
     qcfg = QFormerConfig(
-        num_queries=queries.shape[1], hidden_size=hidden, num_layers=len(layers), num_heads=heads or max(hidden // 64, 1),
+        num_queries=queries.shape[1], hidden_size=hidden, num_layers=len(layers),
+        num_heads=heads or max(hidden // 64, 1),
         intermediate_size=state["Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
         cross_attention_every=cross[1] - cross[0] if len(cross) > 1 else max(len(layers), 1), text=words is not None,
         vocab_size=words.shape[0] if words is not None else 30523,
@@ -90,7 +90,8 @@ def _lavis_config(state: dict[str, Tensor], path: Path, llm: str | None, vision:
         embed_dim=proj.shape[0] if proj is not None else 256,
     )
     is_stage2 = "opt_proj.weight" in state or "t5_proj.weight" in state
-    llm_cfg = LLMConfig(name=llm or "", eos_text="\n" if "opt_proj.weight" in state else "") if is_stage2 else LLMConfig()
+    eos = "\n" if "opt_proj.weight" in state else ""  # OPT captions end with "\n" (spec §5.2)
+    llm_cfg = LLMConfig(name=llm or "", eos_text=eos) if is_stage2 else LLMConfig()
     return ModelConfig(vision=vcfg, qformer=qcfg, llm=llm_cfg)
 
 

@@ -13,7 +13,6 @@ import json
 import os
 import re
 from collections.abc import Iterable
-import warnings
 from pathlib import Path
 
 import torch
@@ -196,10 +195,7 @@ def load_hf_dir(path: Path, place_args: tuple[str, str], name: str) -> Blip2:
     allow = ("temp", "qformer.cls.") if cfg.qformer.text else ()
     fill(model, ((n, t) for n, t in tensors if n is not None and not DROPPED.search(n)), place,
          allow_missing=allow, source=str(path))
-    fresh = materialize(model)
-    if fresh:
-        warnings.warn("this Hugging Face checkpoint has no ITG head or temperature (HF has no place for them): "
-              "temp = 0.07 and a fresh ITG head, fine for retrieval, not for ITG or Q-Former captions")
+    model.fresh_itg_head = bool(materialize(model))  # HF has no place for temp and the ITG head: warned on use
     return finish(model, place, name, _fingerprint(files))
 
 
@@ -260,8 +256,10 @@ def download(repo_id: str) -> Path:
     except LocalEntryNotFoundError:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         known = "" if repo_id in KNOWN_HUB_IDS else " Official BLIP-2 models: " + ", ".join(KNOWN_HUB_IDS) + "."
-        raise UsageError(f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached{offline}. "
-                         f"Download it once online (`hf download {repo_id}`) or pass a local directory.{known}") from None
+        raise UsageError(
+            f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached{offline}. "
+            f"Download it once online (`hf download {repo_id}`) or pass a local directory.{known}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,7 +365,7 @@ def vision_weights(source: str) -> Iterable[tuple[str, Tensor]]:
         for n, t in state.items():
             if n.startswith("visual_encoder.") or n == "ln_vision.weight" or n == "ln_vision.bias":
                 yield lavis_to_ours(n), t
-            elif not n.startswith(("head.", "norm.", "fc_norm.", "rope")) and "." in n or n in ("cls_token", "pos_embed"):
+            elif n in ("cls_token", "pos_embed") or "." in n and not n.startswith(("head.", "norm.", "fc_norm.")):
                 yield "vision.tower." + n, t  # raw EVA file (eva_vit_g.pth); block 39 is ignored below
         return
     directory = path if path.is_dir() else download(source)

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-
 HF_TO_OURS: tuple[tuple[str, str], ...] = (
     ("vision_model.embeddings.class_embedding", "vision.tower.cls_token"),
     ("vision_model.embeddings.position_embedding", "vision.tower.pos_embed"),
@@ -34,7 +33,8 @@ HF_TO_OURS: tuple[tuple[str, str], ...] = (
 # Inside a vision block and a Q-Former layer the names differ only in these pieces.
 HF_BLOCK_TO_OURS = ((".layer_norm1.", ".norm1."), (".layer_norm2.", ".norm2."), (".self_attn.qkv.", ".attn.qkv."),
                     (".self_attn.projection.", ".attn.proj."))
-HF_QFORMER_TO_OURS = ((".attention.attention.", ".attention.self."), (".crossattention.attention.", ".crossattention.self."))
+HF_QFORMER_TO_OURS = ((".attention.attention.", ".attention.self."),
+                      (".crossattention.attention.", ".crossattention.self."))
 
 LAVIS_TO_OURS: tuple[tuple[str, str], ...] = (
     ("visual_encoder.", "vision.tower."),
@@ -90,7 +90,8 @@ def ours_to_hf(name: str) -> str | None:
 
 
 def ours_to_lavis(name: str, llm_family: str = "opt") -> str | None:
-    inverse = tuple((dst, src) for src, dst in LAVIS_TO_OURS if src != ("t5_proj." if llm_family == "opt" else "opt_proj."))
+    other = "t5_proj." if llm_family == "opt" else "opt_proj."  # both map to llm_proj: keep this family's name
+    inverse = tuple((dst, src) for src, dst in LAVIS_TO_OURS if src != other)
     if name.startswith("llm.") or name.endswith(".k_bias"):
         return None
     return _rename(name, inverse)

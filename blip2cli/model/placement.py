@@ -12,7 +12,6 @@ from torch import Tensor
 from blip2cli.errors import UsageError
 
 
-
 @dataclass(frozen=True)
 class Placement:
     device: torch.device

@@ -97,6 +97,12 @@ def _beam(model: Blip2, cache: QueryCache, B: int, o: GenerationOptions) -> list
 def qformer_generate(model: Blip2, embeds: Tensor, o: GenerationOptions) -> list[list[str]]:
     if model.tokenizer is None or model.qformer.cls is None:
         raise ValueError("this model has neither a language model nor a Q-Former text head: it cannot caption")
+    if model.fresh_itg_head:
+        import warnings
+
+        warnings.warn("this Hugging Face checkpoint has no trained ITG head (the format has no place for it): "
+                      "Q-Former captions will be noise; use the LAVIS stage-1 file or a model exported by blip2cli",
+                      stacklevel=2)
     _, cache = model.query_image(embeds)
     B = embeds.shape[0]
     if o.do_sample or o.num_beams == 1:
