@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import random_init
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -69,15 +70,7 @@ def build(out: Path) -> Path:
     )  # fmt: skip
     torch.manual_seed(0)
     model = Blip2ForConditionalGeneration(config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name.lower() or "layer_norm" in name.lower():
-                p.copy_(1.0 + 0.05 * torch.randn(p.shape, generator=g) if name.endswith("weight") else 0 * p)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    random_init(model)
     model.save_pretrained(out)
     return out
 

@@ -53,6 +53,7 @@ def build(out: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     import torch
+    from common import random_init
     from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerConfig, Blip2VisionConfig
 
     from tests import tiny
@@ -66,15 +67,7 @@ def build(out: Path) -> Path:
     )  # fmt: skip
     torch.manual_seed(0)
     model = Blip2ForImageTextRetrieval(config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name.lower() or "layer_norm" in name.lower():
-                p.copy_(1.0 + 0.05 * torch.randn(p.shape, generator=g) if name.endswith("weight") else 0 * p)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    random_init(model)
     model.save_pretrained(out)
     return out
 
