@@ -89,13 +89,17 @@ def env(json_out: JsonOpt = False) -> None:
 GenModelOpt = Annotated[
     str, typer.Option("--model", help="Hub id, Hugging Face BLIP-2 folder, blip2 run folder or LAVIS .pth.")
 ]
-GenDeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-GenDtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16 (the frozen towers).")]
-GenBatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
-GenBeamsOpt = Annotated[int | None, typer.Option("--num-beams", min=1, help="Beam-search width (1 = greedy).")]
-GenMaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate.")]
-GenMinNewOpt = Annotated[
-    int | None, typer.Option("--min-new-tokens", min=0, help="Fewest tokens to generate before the end token.")
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16 (the frozen towers).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+BeamsOpt = Annotated[
+    int | None, typer.Option("--num-beams", min=1, help="Beam-search width (1 = greedy); default: the paper's.")
+]
+MaxNewOpt = Annotated[
+    int | None, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate; default: the paper's.")
+]
+MinNewOpt = Annotated[
+    int | None, typer.Option("--min-new-tokens", min=0, help="Fewest tokens before the end token; default: paper's.")
 ]
 GenSampleOpt = Annotated[
     bool, typer.Option("--sample", help="Nucleus sampling (top-p 0.9, temperature 1) instead of beam search.")
@@ -119,9 +123,9 @@ def caption(
     keep_prompt: Annotated[
         bool, typer.Option("--keep-prompt", help='Print the prompt in front of the caption ("a photo of a dog").')
     ] = False,
-    num_beams: GenBeamsOpt = None,
-    max_new_tokens: GenMaxNewOpt = None,
-    min_new_tokens: GenMinNewOpt = None,
+    num_beams: BeamsOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    min_new_tokens: MinNewOpt = None,
     sample: GenSampleOpt = False,
     top_p: GenTopPOpt = None,
     temperature: GenTemperatureOpt = None,
@@ -129,9 +133,9 @@ def caption(
         int, typer.Option("--num-captions", min=1, help='Captions per image (JSON lines get "captions": [...]).')
     ] = 1,
     seed: GenSeedOpt = None,
-    batch_size: GenBatchOpt = 8,
-    device: GenDeviceOpt = "auto",
-    dtype: GenDtypeOpt = "auto",
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Append each record to this JSONL file as it comes; a rerun skips the images "
@@ -250,16 +254,16 @@ def ask(
                      "file's folder): one answer line each."),
     ] = None,
     model: GenModelOpt = "Salesforce/blip2-opt-2.7b",
-    num_beams: GenBeamsOpt = None,
-    max_new_tokens: GenMaxNewOpt = None,
-    min_new_tokens: GenMinNewOpt = None,
+    num_beams: BeamsOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    min_new_tokens: MinNewOpt = None,
     sample: GenSampleOpt = False,
     top_p: GenTopPOpt = None,
     temperature: GenTemperatureOpt = None,
     seed: GenSeedOpt = None,
-    batch_size: GenBatchOpt = 8,
-    device: GenDeviceOpt = "auto",
-    dtype: GenDtypeOpt = "auto",
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Append each record to this JSONL file; with --batch a rerun skips the questions "
@@ -419,9 +423,9 @@ def index(
         str | None,
         typer.Option("--model", help="Embedding model (default: the index's own, else Salesforce/blip2-itm-vit-g)."),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 32,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16.")] = "auto",
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     index_key: Annotated[
         str | None,
         typer.Option("--index-key", help="FAISS index: auto (by size), or a faiss factory string with an optional "
@@ -456,7 +460,8 @@ def index(
         emit(record)
     else:
         counts = [(k, record[k]) for k in ("added", "updated", "removed", "unchanged")]
-        table(f"blip2 index {index_dir}", ["", "files"], [*counts, ("failed", len(report.failed)), ("total", report.total)])
+        rows = [*counts, ("failed", len(report.failed)), ("total", report.total)]
+        table(f"blip2 index {index_dir}", ["", "files"], rows)
     if report.failed:
         raise typer.Exit(1)
 
@@ -479,8 +484,8 @@ def search(
         str | None, typer.Option("--model", help="Model for the query (default: the one the index was built with).")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per ITM forward pass.")] = 32,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16.")] = "auto",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
     """Search an index by text (ITC max over the 32 query vectors, then ITM re-rank) or by image.
@@ -652,16 +657,10 @@ EvalModelOpt = Annotated[
     str | None, typer.Option("--model", help="Run this model (hub id, HF folder, run folder, LAVIS .pth).")
 ]
 EvalImagesOpt = Annotated[Path | None, typer.Option("--images", help="Image root of the benchmark (with --model).")]
-EvalDeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-EvalDtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16 (frozen towers).")]
-EvalBatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 EvalOutOpt = Annotated[
     Path | None,
     typer.Option("--out", help="Write scores.json and predictions.json here; a rerun resumes from predictions.jsonl."),
 ]
-EvalBeamsOpt = Annotated[int | None, typer.Option("--num-beams", help="Override the paper's beam count.")]
-EvalMaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Override the paper's maximum length.")]
-EvalMinNewOpt = Annotated[int | None, typer.Option("--min-new-tokens", help="Override the paper's minimum length.")]
 
 
 @command(eval_app, "caption")
@@ -683,12 +682,12 @@ def eval_caption(
     prompt: Annotated[
         str, typer.Option("--prompt", help="Caption prompt (the paper's COCO fine-tune prompt).")
     ] = "a photo of",
-    num_beams: EvalBeamsOpt = None,
-    max_new_tokens: EvalMaxNewOpt = None,
-    min_new_tokens: EvalMinNewOpt = None,
-    device: EvalDeviceOpt = "auto",
-    dtype: EvalDtypeOpt = "auto",
-    batch_size: EvalBatchOpt = 16,
+    num_beams: BeamsOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    min_new_tokens: MinNewOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: BatchOpt = 16,
     out: EvalOutOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -755,12 +754,12 @@ def eval_vqa(
     template: Annotated[str, typer.Option("--template", help="Prompt template; {} is the question.")] = (
         "Question: {} Short answer:"
     ),
-    num_beams: EvalBeamsOpt = None,
-    max_new_tokens: EvalMaxNewOpt = None,
-    min_new_tokens: EvalMinNewOpt = None,
-    device: EvalDeviceOpt = "auto",
-    dtype: EvalDtypeOpt = "auto",
-    batch_size: EvalBatchOpt = 16,
+    num_beams: BeamsOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    min_new_tokens: MinNewOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: BatchOpt = 16,
     out: EvalOutOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -834,9 +833,9 @@ def eval_retrieval(
     k_test: Annotated[int, typer.Option("--k-test", min=1, help="Candidates re-ranked with ITM per query.")] = 128,
     model: EvalModelOpt = None,
     images: EvalImagesOpt = None,
-    device: EvalDeviceOpt = "auto",
-    dtype: EvalDtypeOpt = "auto",
-    batch_size: EvalBatchOpt = 16,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: BatchOpt = 16,
     out: EvalOutOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
