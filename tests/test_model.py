@@ -179,3 +179,17 @@ def test_hf_retrieval_checkpoint_warns_only_when_its_itg_head_is_used(tiny_retri
     assert model.fresh_itg_head
     with pytest.warns(UserWarning, match="no trained ITG head"):
         model.generate(tiny.pixels(1), [""], GenerationOptions(num_beams=1, max_new_tokens=2))
+
+
+def test_itm_with_shared_image_projections_equals_projecting_every_pair(stage1):
+    stage1.eval()
+    e = stage1.vision_embeds(tiny.pixels(2, seed=4))  # two images, paired as [e0, e1, e1, e0]
+    order = torch.tensor([0, 1, 1, 0])
+    ids = torch.tensor([[2, 7, 8, 3], [2, 9, 3, 0], [2, 7, 3, 0], [2, 8, 9, 3]])
+    mask = (ids != 0).long()
+    queries = stage1.query_tokens.expand(4, -1, -1)
+    with torch.no_grad():
+        direct = stage1.qformer.encode_joint(queries, ids, mask, e[order])
+        kv = [None if x is None else (x[0][order], x[1][order]) for x in stage1.qformer.image_kv(e)]
+        shared = stage1.qformer.encode_joint(queries, ids, mask, None, kv)
+    assert torch.allclose(direct, shared, atol=1e-6)

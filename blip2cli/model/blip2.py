@@ -134,13 +134,15 @@ class Blip2(nn.Module):
     def stage1_loss(self, pixels: Tensor, texts: Sequence[str], image_ids: Tensor | None = None) -> Stage1Output:
         """ITC + ITM + ITG, unweighted (spec §4). `image_ids` switches ITC/ITM to multi-positive mode."""
         embeds = self.vision_embeds(pixels)  # (B, N, Dv)
-        z, cache = self.query_image(embeds)  # (B, Q, H)
+        image_kv = self.qformer.image_kv(embeds)  # projected once: the query pass and the ITM positives share it
+        queries = self.query_tokens.expand(embeds.shape[0], -1, -1)
+        z, cache = self.qformer.encode_queries(queries, None, image_kv)  # (B, Q, H)
         img = F.normalize(self.vision_proj(z), dim=-1)  # (B, Q, 256)
         ids, mask = self.tokenize(texts, pad_to_max=True)  # fixed length so ranks can gather
         txt = self._text_vectors(ids, mask)  # (B, 256)
 
         itc = losses.itc_loss(img, txt, self.temp, image_ids)
-        itm = self._itm_loss(embeds, ids, mask, itc, image_ids)
+        itm = self._itm_loss(embeds, image_kv, ids, mask, itc, image_ids)
 
         dec = ids.clone()
         dec[:, 0] = self.tokenizer.bos_token_id  # [DEC] replaces [CLS]
@@ -150,12 +152,19 @@ class Blip2(nn.Module):
         return Stage1Output(itc.loss + itm + itg, itc.loss.detach(), itm.detach(), itg.detach())
 
     def _itm_loss(
-        self, embeds: Tensor, ids: Tensor, mask: Tensor, itc: losses.ItcOutput, image_ids: Tensor | None
+        self, embeds: Tensor, image_kv: list, ids: Tensor, mask: Tensor, itc: losses.ItcOutput,
+        image_ids: Tensor | None,
     ) -> Tensor:
-        """ITM with hard negatives from the global batch (spec §4.2)."""
+        """ITM with hard negatives from the global batch (spec §4.2): texts [T+;T+;T-] against images [E+;E-;E+],
+        E with gradient. The images' cross-attention K/V are projected once per image, not once per pair."""
         neg_img, neg_txt = losses.sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, image_ids)
-        pairs = losses.itm_pairs(ids, mask, embeds, neg_img, neg_txt)  # [T+;T+;T-] x [E+;E-;E+], E with grad
-        logits = self._itm(pairs.image_embeds, pairs.text_ids, pairs.text_mask)
+        pairs = losses.itm_pairs(ids, mask, embeds, neg_img, neg_txt)
+        neg_kv = self.qformer.image_kv(pairs.neg_image_embeds)
+        pair_kv = [None if pos is None else tuple(torch.cat((p, n, p)) for p, n in zip(pos, neg))
+                   for pos, neg in zip(image_kv, neg_kv)]
+        queries = self.query_tokens.expand(pairs.text_ids.shape[0], -1, -1)
+        hidden = self.qformer.encode_joint(queries, pairs.text_ids, pairs.text_mask, None, pair_kv)
+        logits = self.itm_head(hidden[:, : queries.shape[1]]).mean(dim=1)  # (3B, 2)
         return losses.itm_loss(logits, embeds.shape[0])
 
     def stage2_loss(self, pixels: Tensor, texts: Sequence[str], prompt: str | Sequence[str] = "",

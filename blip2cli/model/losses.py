@@ -214,7 +214,14 @@ def _draw_excluding(sim: Tensor, excluded: Tensor, generator: torch.Generator | 
 class ItmPairs:
     text_ids: Tensor  # (3B, T): [T_pos; T_pos; T_neg]
     text_mask: Tensor  # (3B, T)
-    image_embeds: Tensor  # (3B, N, Dv): [E_pos; E_neg; E_pos]
+    pos_image_embeds: Tensor  # (B, N, Dv): the local images
+    neg_image_embeds: Tensor  # (B, N, Dv): each text's hard-negative image, gathered with gradient
+
+    @property
+    def image_embeds(self) -> Tensor:
+        """(3B, N, Dv): [E_pos; E_neg; E_pos]. The model avoids building it: it projects the B positive and B
+        negative images once and indexes their cross-attention keys/values instead."""
+        return torch.cat([self.pos_image_embeds, self.neg_image_embeds, self.pos_image_embeds])
 
 
 def itm_pairs(
@@ -229,7 +236,8 @@ def itm_pairs(
     return ItmPairs(
         text_ids=torch.cat([text_ids, text_ids, ids_all[neg_text_idx]]),
         text_mask=torch.cat([text_mask, text_mask, mask_all[neg_text_idx]]),
-        image_embeds=torch.cat([image_embeds, embeds_all[neg_image_idx], image_embeds]),
+        pos_image_embeds=image_embeds,
+        neg_image_embeds=embeds_all[neg_image_idx],
     )
 
 

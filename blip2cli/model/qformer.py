@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from blip2cli.config import QFormerConfig
 
-KV = tuple[Tensor, Tensor]  # (B, H, S, Dh) keys and values of one layer's self-attention
+KV = tuple[Tensor, Tensor]  # (B, H, S, Dh) keys and values of one layer's attention
+ImageKV = list  # per layer: the image tokens' cross-attention KV, or None for layers without cross-attention
 
 
 class MultiHeadAttention(nn.Module):
@@ -37,11 +38,17 @@ class MultiHeadAttention(nn.Module):
         B, S, D = x.shape
         return x.view(B, S, self.heads, D // self.heads).transpose(1, 2)  # (B, H, S, Dh)
 
+    def project(self, source: Tensor) -> KV:
+        """Keys and values of `source` (B, S, D) -> 2 x (B, H, S, Dh)."""
+        return self._split(self.key(source)), self._split(self.value(source))
+
     def forward(
-        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None, past: KV | None = None
+        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None, past: KV | None = None,
+        kv: KV | None = None,
     ) -> tuple[Tensor, KV]:
-        source = x if context is None else context
-        q, k, v = self._split(self.query(x)), self._split(self.key(source)), self._split(self.value(source))
+        """`kv`: the context's keys and values already projected (cross-attention over an image used twice)."""
+        q = self._split(self.query(x))
+        k, v = kv if kv is not None else self.project(x if context is None else context)
         if past is not None:  # ITG: text attends to the queries' keys/values from the image pass
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         p = self.dropout if self.training else 0.0
@@ -70,9 +77,10 @@ class Attention(nn.Module):
         self.output = AddNorm(cfg, cfg.hidden_size)
 
     def forward(
-        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None, past: KV | None = None
+        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None, past: KV | None = None,
+        kv: KV | None = None,
     ) -> tuple[Tensor, KV]:
-        out, kv = self.self(x, context, mask, past)
+        out, kv = self.self(x, context, mask, past, kv)
         return self.output(out, x), kv
 
 
@@ -99,14 +107,15 @@ class QFormerLayer(nn.Module):
             self.output = AddNorm(cfg, cfg.intermediate_size)
 
     def forward(
-        self, h: Tensor, mask: Tensor | None, image: Tensor | None, num_queries: int, past: KV | None
+        self, h: Tensor, mask: Tensor | None, image: Tensor | None, num_queries: int, past: KV | None,
+        image_kv: KV | None = None,
     ) -> tuple[Tensor, KV]:
         h, kv = self.attention(h, mask=mask, past=past)  # shared self-attention over [queries ; text]
         parts = []
         if num_queries > 0:
             q = h[:, :num_queries]
-            if self.crossattention is not None:
-                q, _ = self.crossattention(q, context=image)  # all-ones mask over the image tokens
+            if self.crossattention is not None:  # all-ones mask over the image tokens
+                q, _ = self.crossattention(q, context=image, kv=image_kv)
             parts.append(self.output_query(self.intermediate_query(q), q))
         if h.shape[1] > num_queries:
             t = h[:, num_queries:]
@@ -209,18 +218,28 @@ class QFormer(nn.Module):
             self.cls.predictions.decoder.weight = self.embeddings.word_embeddings.weight
 
     def _run(
-        self, h: Tensor, mask: Tensor | None, image: Tensor | None, num_queries: int, past: QueryCache | None = None
+        self, h: Tensor, mask: Tensor | None, image: Tensor | None, num_queries: int, past: QueryCache | None = None,
+        image_kv: ImageKV | None = None,
     ) -> tuple[Tensor, list[KV]]:
         presents = []
         for i, layer in enumerate(self.encoder.layer):
-            h, kv = layer(h, mask, image, num_queries, None if past is None else past.layers[i])
+            cross = None if image_kv is None else image_kv[i]
+            h, kv = layer(h, mask, image, num_queries, None if past is None else past.layers[i], cross)
             presents.append(kv)
         return h, presents
 
-    def encode_queries(self, queries: Tensor, image: Tensor) -> tuple[Tensor, QueryCache]:
-        """queries (B, Q, H), image (B, N, Dv) -> Z (B, Q, H) and the K/V cache for ITG."""
+    def image_kv(self, image: Tensor) -> ImageKV:
+        """Cross-attention keys and values of the image tokens, per layer (None where a layer has none). Stage 1
+        uses each image in the query pass and again in ITM pairs: projecting it once serves both."""
+        return [layer.crossattention.self.project(image) if layer.crossattention is not None else None
+                for layer in self.encoder.layer]
+
+    def encode_queries(
+        self, queries: Tensor, image: Tensor | None, image_kv: ImageKV | None = None
+    ) -> tuple[Tensor, QueryCache]:
+        """queries (B, Q, H), image (B, N, Dv) or its projections -> Z (B, Q, H) and the K/V cache for ITG."""
         h = self.embeddings(queries=queries)
-        h, presents = self._run(h, None, image, queries.shape[1])
+        h, presents = self._run(h, None, image, queries.shape[1], image_kv=image_kv)
         return h, QueryCache(presents)
 
     def encode_text(self, ids: Tensor, pad_mask: Tensor) -> Tensor:
@@ -229,12 +248,14 @@ class QFormer(nn.Module):
         h, _ = self._run(h, _key_mask(pad_mask), None, 0)
         return h
 
-    def encode_joint(self, queries: Tensor, ids: Tensor, pad_mask: Tensor, image: Tensor) -> Tensor:
+    def encode_joint(
+        self, queries: Tensor, ids: Tensor, pad_mask: Tensor, image: Tensor | None, image_kv: ImageKV | None = None
+    ) -> Tensor:
         """Bidirectional [queries ; text] pass for ITM -> (B, Q+T, H)."""
         B, Q, _ = queries.shape
         h = self.embeddings(ids, queries=queries)
         keys = torch.cat((pad_mask.new_ones(B, Q), pad_mask), dim=1)
-        h, _ = self._run(h, _key_mask(keys), image, Q)
+        h, _ = self._run(h, _key_mask(keys), image, Q, image_kv=image_kv)
         return h
 
     def decode_text(
