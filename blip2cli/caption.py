@@ -22,6 +22,7 @@ from typing import Any
 
 from blip2cli.config import GenerationOptions
 from blip2cli.errors import InputError, UsageError
+from blip2cli.jsonl import JsonlLog, read_jsonl  # noqa: F401  (JsonlLog: the commands' --out writer)
 
 VQA_TEMPLATE = "Question: {} Short answer:"  # LAVIS's zero-shot VQA prompt (spec §6)
 CHAT_TEMPLATE = "Question: {} Answer:"  # BLIP-2 Figure 4's conversation style
@@ -149,47 +150,8 @@ def image_key(image: str | Path) -> str:
 
 
 def read_done(path: Path, key: Callable[[dict[str, Any]], Hashable | None]) -> set[Hashable]:
-    """Keys of the successful records in an --out file (error records are retried). Lines that are not JSON (a
-    write cut short by a kill) are ignored."""
-    done: set[Hashable] = set()
-    if not path.is_file():
-        return done
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "error" not in record:
-                k = key(record)
-                if k is not None:
-                    done.add(k)
-    return done
-
-
-class JsonlLog:
-    """Appends records to a JSONL file, one flushed line each, so an interrupted run loses nothing written."""
-
-    def __init__(self, path: Path) -> None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.fh = path.open("a+b")
-        except OSError as exc:
-            raise UsageError(f"--out: cannot write {path}: {exc.strerror or exc}") from None
-        if self.fh.tell() > 0:  # a line cut short by a kill would swallow the next record: end it first
-            self.fh.seek(-1, 2)
-            if self.fh.read(1) != b"\n":
-                self.fh.write(b"\n")
-        self.path = path
-        self.written = 0
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-        self.fh.flush()
-        self.written += 1
-
-    def close(self) -> None:
-        self.fh.close()
+    """Keys of the successful records in an --out file (error records are retried)."""
+    return {k for record in read_jsonl(path) if "error" not in record and (k := key(record)) is not None}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,3 +12,15 @@ def test_a_line_cut_by_a_kill_is_ended_before_appending(tmp_path):
     records = [json.loads(line) for line in log.read_text().splitlines()]  # every line parses
     assert [r["id"] for r in records] == [1, 2, 3]
     assert run_resumable([1, 2, 3], lambda i: i, "id", predict, 2, log, "test") == done  # resumes again
+
+
+def test_a_bad_line_in_the_middle_is_a_clear_error(tmp_path):
+    import pytest
+
+    from blip2cli.errors import UsageError
+    from blip2cli.jsonl import read_jsonl
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"id": 1}\nnot json\n{"id": 2}\n')
+    with pytest.raises(UsageError, match="log.jsonl:2: not a JSON record"):
+        read_jsonl(log)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from blip2cli.errors import UsageError
+from blip2cli.jsonl import JsonlLog, read_jsonl
 
 T = TypeVar("T")
 
@@ -29,43 +30,19 @@ def run_resumable(
     """Predict in batches, appending each record to `log` (JSONL) as it comes; records already there are reused."""
     from blip2cli.render import progress
 
-    done = read_log(log, key_field) if log else {}
+    done = {record[key_field]: record for record in read_jsonl(log)} if log else {}
     todo = [item for item in items if key(item) not in done]
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    if log and log.is_file():
-        data = log.read_bytes()
-        if data and not data.endswith(b"\n"):  # a run killed mid-line: drop the fragment (it is redone)
-            with log.open("r+b") as cut:
-                cut.truncate(data.rfind(b"\n") + 1)
-    fh = log.open("a", encoding="utf-8") if log else None
+    writer = JsonlLog(log) if log else None
     try:
         for batch in progress(batches, len(batches), description):
             for record in predict(batch):
                 done[record[key_field]] = record
-                if fh:
-                    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            if fh:
-                fh.flush()
+                if writer:
+                    writer.write(record)
     finally:
-        if fh:
-            fh.close()
-    return done
-
-
-def read_log(path: Path, key_field: str) -> dict[Hashable, dict[str, Any]]:
-    """Records of an interrupted run; a half-written last line (killed mid-write) is ignored."""
-    if not path.is_file():
-        return {}
-    done = {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise UsageError(f"{path}:{number}: not a JSON line; delete the file to start over") from None
-        done[record[key_field]] = record
+        if writer:
+            writer.close()
     return done
 
 

@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from blip2cli.jsonl import JsonlLog, read_jsonl
 
 # (image indices (P,), text indices (P,)) -> ITM positive logit of each aligned pair (P,)
 ItmFn = Callable[[Tensor, Tensor], Tensor]
@@ -66,29 +67,20 @@ def _rerank_rows(
 
 
 class RowLog:
-    """Re-ranked rows as JSONL ({"dir", "row", "cols", "scores"}), appended and flushed row by row. ITM over the
-    top k of every row dominates a retrieval run, so a rerun reads these instead of recomputing them; a line cut
-    short by a kill is dropped."""
+    """Re-ranked rows as JSONL ({"dir", "row", "cols", "scores"}), one flushed line per row. ITM over the top k of
+    every row dominates a retrieval run, so a rerun reads these instead of recomputing them."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         self.done: dict[str, dict[int, tuple[Tensor, Tensor]]] = {}
-        if path.is_file():
-            data = path.read_bytes()
-            whole = data[: data.rfind(b"\n") + 1]
-            if len(whole) != len(data):
-                path.write_bytes(whole)
-            for line in whole.decode("utf-8").splitlines():
-                r = json.loads(line)
-                self.done.setdefault(r["dir"], {})[r["row"]] = (torch.tensor(r["cols"]), torch.tensor(r["scores"]))
+        for r in read_jsonl(path):
+            self.done.setdefault(r["dir"], {})[r["row"]] = (torch.tensor(r["cols"]), torch.tensor(r["scores"]))
+        self.writer = JsonlLog(path)
 
     def rows(self, direction: str) -> dict[int, tuple[Tensor, Tensor]]:
         return self.done.get(direction, {})
 
     def add(self, direction: str, row: int, cols: Tensor, scores: Tensor) -> None:
-        record = {"dir": direction, "row": row, "cols": cols.tolist(), "scores": scores.tolist()}
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        self.writer.write({"dir": direction, "row": row, "cols": cols.tolist(), "scores": scores.tolist()})
 
 
 def gt_ranks(scores: Tensor, positives: Sequence[Sequence[int]]) -> list[int]:
