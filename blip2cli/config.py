@@ -278,16 +278,19 @@ SOURCE_KINDS_WITH_IDS = ("coco", "lavis_json", "jsonl")  # annotation files carr
 
 @dataclass
 class DataSource:
-    """One data source: the fields of `data.datasets.DatasetSpec` (same names and defaults, a test keeps them in
-    step), checked here so a mistake is reported with its dotted key before anything loads."""
+    """One data source of a recipe; `data.datasets.build_dataset` turns it into a torch dataset. Checked here, so a
+    mistake is reported with its dotted key before anything loads."""
 
     kind: Literal["coco", "lavis_json", "jsonl", "folder", "webdataset"]
+    # coco: a COCO caption file ({images, annotations}); lavis_json: [{image, caption, image_id}];
+    # jsonl: one {image, caption} or {image, question, answers} per line; folder: images with .txt sidecars;
+    # webdataset: a folder of .tar shards, a glob, or a brace pattern ("shards/{00000..00099}.tar")
     path: str  # annotation file, folder, or shards (folder, glob, brace pattern); relative to the working directory
     image_root: str = ""  # folder the annotation's image paths are relative to; "" = the annotation file's folder
     weight: float = 1.0  # draws per epoch = round(weight * len(source)); webdataset: mixing probability
     max_words: int = 50  # captions and questions are cut to this many words (spec §2.3)
     resampled: bool = False  # webdataset: draw shards with replacement, endless (needs `size`)
-    shuffle: int = 1000  # webdataset: shuffle buffer over undecoded samples; 0 = off
+    shuffle: int = 1000  # webdataset: sample shuffle buffer (over undecoded bytes) and shard shuffle; 0 = off
     size: int = 0  # webdataset: samples per epoch (sizes.json); needed for resampled shards and lavis_epoch
 
     def __post_init__(self) -> None:

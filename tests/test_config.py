@@ -3,8 +3,6 @@ cross-field rules, --set parsing, and a lossless save/load round trip."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from blip2cli.config import (
@@ -152,13 +150,3 @@ def test_save_and_load_round_trip(tmp_path):
     save_recipe(recipe, tmp_path / "recipe.yaml")
     again = load_recipe(tmp_path / "recipe.yaml", check_files=False)
     assert again == recipe and to_dict(again) == to_dict(recipe)
-
-
-def test_data_source_mirrors_the_dataset_spec():
-    """config.DataSource repeats data.datasets.DatasetSpec's fields (config may not import data): same names,
-    same defaults, plus the training-only `size`."""
-    from blip2cli.data.datasets import DatasetSpec
-
-    spec = {f.name: f.default for f in dataclasses.fields(DatasetSpec)}
-    ours = {f.name: f.default for f in dataclasses.fields(DataSource)}
-    assert {k: v for k, v in ours.items() if k != "size"} == spec

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from blip2cli.config import DataSource
 from blip2cli.data.datasets import (
-    DatasetSpec,
     ImageTextDataset,
     SkippedSampleWarning,
     build_dataset,
@@ -52,7 +52,7 @@ def test_coco_caption_file(tmp_path: Path) -> None:
                         {"image_id": 9, "id": 2, "caption": "Dinner: rice; beans"},
                         {"image_id": 25, "id": 3, "caption": "A giraffe!"}],
     })  # fmt: skip
-    dataset = build_dataset(DatasetSpec("coco", str(ann), image_root=str(tmp_path / "train2017")))
+    dataset = build_dataset(DataSource("coco", str(ann), image_root=str(tmp_path / "train2017")))
     assert len(dataset) == 3
     sample = dataset[1]
     assert sample["text"] == "dinner rice beans" and sample["image_id"] == 9
@@ -67,7 +67,7 @@ def test_lavis_json_string_ids_share_an_index_and_lists_are_sampled(tmp_path: Pa
         {"image": "b.jpg", "caption": ["Top one", "Top two"], "image_id": "coco_2"},
         {"image": "a.jpg", "caption": "Second caption", "image_id": "coco_1"},
     ])  # fmt: skip
-    dataset = build_dataset(DatasetSpec("lavis_json", str(ann), image_root=str(tmp_path / "img")))
+    dataset = build_dataset(DataSource("lavis_json", str(ann), image_root=str(tmp_path / "img")))
     assert [dataset[i]["image_id"] for i in range(3)] == [0, 1, 0]
     assert {dataset[1]["text"] for _ in range(40)} == {"top one", "top two"}
 
@@ -77,7 +77,7 @@ def test_jsonl_captions_with_int_ids_and_default_image_root(tmp_path: Path) -> N
     lines = [{"image": "x.jpg", "caption": "An X.", "image_id": 70},
              {"image": "y.jpg", "caption": "A Y", "image_id": 7}]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
-    dataset = build_dataset(DatasetSpec("jsonl", str(tmp_path / "train.jsonl")))
+    dataset = build_dataset(DataSource("jsonl", str(tmp_path / "train.jsonl")))
     assert [(dataset[i]["text"], dataset[i]["image_id"]) for i in range(2)] == [("an x", 70), ("a y", 7)]
 
 
@@ -85,7 +85,7 @@ def test_jsonl_questions(tmp_path: Path) -> None:
     _images(tmp_path, "x.jpg")
     line = {"image": "x.jpg", "question": "What colour is it?", "answers": ["green", "green", "lime"]}
     (tmp_path / "vqa.jsonl").write_text(json.dumps(line) + "\n")
-    sample = build_dataset(DatasetSpec("jsonl", str(tmp_path / "vqa.jsonl")))[0]
+    sample = build_dataset(DataSource("jsonl", str(tmp_path / "vqa.jsonl")))[0]
     assert sample["text"] == "what colour is it?" and sample["answers"] == ["green", "green", "lime"]
 
 
@@ -93,16 +93,16 @@ def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
     _images(tmp_path, "x.jpg")
     (tmp_path / "bad.jsonl").write_text('{"image": "x.jpg", "caption": "ok"}\n{"image": "x.jpg"}\n')
     with pytest.raises(UsageError, match=r"bad.jsonl line 2: missing 'caption'$"):
-        build_dataset(DatasetSpec("jsonl", str(tmp_path / "bad.jsonl")))
+        build_dataset(DataSource("jsonl", str(tmp_path / "bad.jsonl")))
     (tmp_path / "broken.jsonl").write_text('{"image": \n')
     with pytest.raises(UsageError, match=r"broken.jsonl line 1: not valid JSON"):
-        build_dataset(DatasetSpec("jsonl", str(tmp_path / "broken.jsonl")))
+        build_dataset(DataSource("jsonl", str(tmp_path / "broken.jsonl")))
 
 
 def test_wrong_image_root_fails_early(tmp_path: Path) -> None:
     ann = _write_json(tmp_path / "ann.json", [{"image": "a.jpg", "caption": "c"}])
     with pytest.raises(UsageError, match=r"image not found: .*a.jpg \(is image_root"):
-        build_dataset(DatasetSpec("lavis_json", str(ann), image_root=str(tmp_path / "nowhere")))
+        build_dataset(DataSource("lavis_json", str(ann), image_root=str(tmp_path / "nowhere")))
 
 
 def test_folder_with_sidecars(tmp_path: Path) -> None:
@@ -110,7 +110,7 @@ def test_folder_with_sidecars(tmp_path: Path) -> None:
     (tmp_path / "pics" / "cat.txt").write_text("A Cat.\n")
     (tmp_path / "pics" / "dog.txt").write_text("a dog\nA puppy!\n")
     with pytest.warns(SkippedSampleWarning, match="1 images .* have no caption"):
-        dataset = build_dataset(DatasetSpec("folder", str(tmp_path / "pics")))
+        dataset = build_dataset(DataSource("folder", str(tmp_path / "pics")))
     assert len(dataset) == 2 and dataset[0]["text"] == "a cat"
     assert {dataset[1]["text"] for _ in range(40)} == {"a dog", "a puppy"}
     assert [dataset[i]["image_id"] for i in range(2)] == [0, 1]
@@ -121,20 +121,20 @@ def test_bad_image_is_skipped_with_a_warning(tmp_path: Path) -> None:
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     rows = [{"image": "good.jpg", "caption": "g"}, {"image": "bad.jpg", "caption": "b"}]
     ann = _write_json(tmp_path / "ann.json", rows)
-    dataset = build_dataset(DatasetSpec("lavis_json", str(ann)))
+    dataset = build_dataset(DataSource("lavis_json", str(ann)))
     with pytest.warns(SkippedSampleWarning, match="skipping sample: not an image: .*bad.jpg"):
         sample = dataset[1]
     assert sample["text"] == "g"  # the next good record (wrapping around)
 
 
-def test_dataset_spec_rejects_nonsense() -> None:
+def test_data_source_rejects_nonsense() -> None:
     with pytest.raises(UsageError, match="weight"):
-        DatasetSpec("coco", "x.json", weight=0)
+        DataSource("coco", "x.json", weight=0)
 
 
 @pytest.mark.skipif(not COCO_MINI.is_dir(), reason="coco-mini not present (../shared/data/coco-mini)")
 def test_coco_mini_real_photos() -> None:
-    spec = DatasetSpec("coco", str(COCO_MINI / "annotations" / "captions_train2017.json"), str(COCO_MINI / "train2017"))
+    spec = DataSource("coco", str(COCO_MINI / "annotations" / "captions_train2017.json"), str(COCO_MINI / "train2017"))
     dataset = build_dataset(spec)
     assert isinstance(dataset, ImageTextDataset) and len(dataset) == 400
     sample = dataset[0]
@@ -167,7 +167,7 @@ def shards(tmp_path: Path) -> Path:
     return folder
 
 
-def _collect(spec: DatasetSpec) -> tuple[list[dict], list[warnings.WarningMessage]]:
+def _collect(spec: DataSource) -> tuple[list[dict], list[warnings.WarningMessage]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         samples = list(build_dataset(spec))
@@ -175,7 +175,7 @@ def _collect(spec: DatasetSpec) -> tuple[list[dict], list[warnings.WarningMessag
 
 
 def test_shards_stream_skips_the_corrupt_sample(shards: Path) -> None:
-    samples, skipped = _collect(DatasetSpec("webdataset", str(shards), shuffle=0))
+    samples, skipped = _collect(DataSource("webdataset", str(shards), shuffle=0))
     assert len(samples) == 8 and len(skipped) == 1
     assert "000010001" in str(skipped[0].message)
     first = samples[0]
@@ -185,7 +185,7 @@ def test_shards_stream_skips_the_corrupt_sample(shards: Path) -> None:
 
 
 def test_shuffled_stream_keeps_every_good_sample(shards: Path) -> None:
-    samples, _ = _collect(DatasetSpec("webdataset", str(shards), shuffle=4))
+    samples, _ = _collect(DataSource("webdataset", str(shards), shuffle=4))
     assert len(samples) == 8 and len({s["path"] for s in samples}) == 8
 
 
@@ -200,12 +200,12 @@ def test_shard_patterns(shards: Path) -> None:
 def test_split_by_node_gives_each_rank_its_own_shards(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    samples, _ = _collect(DatasetSpec("webdataset", str(shards), shuffle=0))
+    samples, _ = _collect(DataSource("webdataset", str(shards), shuffle=0))
     assert {s["path"].split("#")[0][-9:] for s in samples} == {"00001.tar"}
 
 
 def test_resampled_stream_is_endless(shards: Path) -> None:
-    stream = iter(build_dataset(DatasetSpec("webdataset", str(shards), resampled=True, shuffle=0)))
+    stream = iter(build_dataset(DataSource("webdataset", str(shards), resampled=True, shuffle=0, size=6)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedSampleWarning)
         assert len([next(stream) for _ in range(20)]) == 20
@@ -222,7 +222,7 @@ def test_tar_member_names_never_touch_the_disk(tmp_path: Path, monkeypatch: pyte
             tar.addfile(info, io.BytesIO(data))
     monkeypatch.chdir(work)
     before = sorted(p for p in tmp_path.rglob("*"))
-    samples, _ = _collect(DatasetSpec("webdataset", str(work / "evil.tar"), shuffle=0))
+    samples, _ = _collect(DataSource("webdataset", str(work / "evil.tar"), shuffle=0))
     assert [s["text"] for s in samples] == ["escape"]
     assert sorted(p for p in tmp_path.rglob("*")) == before
 
@@ -231,7 +231,7 @@ def test_empty_caption_list_and_broken_coco(tmp_path: Path) -> None:
     _images(tmp_path, "a.jpg")
     ann = _write_json(tmp_path / "ann.json", [{"image": "a.jpg", "caption": []}])
     with pytest.raises(UsageError, match="empty 'caption' list for image a.jpg"):
-        build_dataset(DatasetSpec("lavis_json", str(ann)))
+        build_dataset(DataSource("lavis_json", str(ann)))
     coco = _write_json(tmp_path / "coco.json", {"images": [{"id": 1}], "annotations": []})
     with pytest.raises(UsageError, match=r"coco.json images\[0\]: missing 'file_name'"):
-        build_dataset(DatasetSpec("coco", str(coco)))
+        build_dataset(DataSource("coco", str(coco)))

@@ -1,6 +1,6 @@
 """Training and evaluation data: annotation files, caption folders and WebDataset shards as torch datasets.
 
-Adding a dataset is a recipe entry, not code: a `DatasetSpec` names the format (`kind`), and `build_dataset`
+Adding a dataset is a recipe entry, not code: a `config.DataSource` names the format (`kind`), and `build_dataset`
 turns it into a torch dataset with an explicit `if` per kind. Every sample is a dict
 
     {"image": PIL RGB image, "text": cleaned caption or question, "image_id": int, "path": str}
@@ -20,11 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
+from blip2cli.config import DataSource
 from blip2cli.data.images import load_image, load_image_bytes
 from blip2cli.data.inputs import images_in_folder
 from blip2cli.data.transforms import clean_caption, clean_question
@@ -40,31 +41,7 @@ class SkippedSampleWarning(UserWarning):
     """A sample was left out (unreadable image, missing caption); training goes on without it."""
 
 
-@dataclass
-class DatasetSpec:
-    """One data source of a recipe."""
-
-    kind: Literal["coco", "lavis_json", "jsonl", "folder", "webdataset"]
-    # coco: a COCO caption file ({images, annotations}); lavis_json: [{image, caption, image_id}];
-    # jsonl: one {image, caption} or {image, question, answers} per line; folder: images with .txt sidecars;
-    # webdataset: a folder of .tar shards, a glob, or a brace pattern ("shards/{00000..00099}.tar")
-    path: str
-    image_root: str = ""  # folder the annotation's image paths are relative to; "" = the annotation file's folder
-    weight: float = 1.0  # relative sampling weight when a recipe mixes several sources
-    max_words: int = 50  # captions and questions are cut to this many words (spec §2.3)
-    resampled: bool = False  # webdataset: draw shards with replacement, endless (needs a nominal epoch length)
-    shuffle: int = 1000  # webdataset: sample shuffle buffer (over undecoded bytes) and shard shuffle; 0 = off
-
-    def __post_init__(self) -> None:
-        if self.weight <= 0:
-            raise UsageError(f"weight: expected a positive number, got {self.weight}")
-        if self.max_words < 1:
-            raise UsageError(f"max_words: expected at least 1, got {self.max_words}")
-        if self.shuffle < 0:
-            raise UsageError(f"shuffle: expected 0 or more, got {self.shuffle}")
-
-
-def build_dataset(spec: DatasetSpec) -> Dataset | IterableDataset:
+def build_dataset(spec: DataSource) -> Dataset | IterableDataset:
     """Map-style dataset for annotation files and folders, an IterableDataset stream for shards."""
     if spec.kind == "webdataset":
         return webdataset_stream(shard_urls(spec.path), spec.resampled, spec.shuffle, spec.max_words)
@@ -81,7 +58,7 @@ def build_dataset(spec: DatasetSpec) -> Dataset | IterableDataset:
     return ImageTextDataset(records, spec.max_words)
 
 
-def _image_root(spec: DatasetSpec) -> Path:
+def _image_root(spec: DataSource) -> Path:
     return Path(spec.image_root) if spec.image_root else Path(spec.path).parent
 
 

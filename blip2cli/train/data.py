@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from blip2cli.config import DataSource, Recipe
-from blip2cli.data.datasets import DatasetSpec, ImageTextDataset, build_dataset
+from blip2cli.data.datasets import ImageTextDataset, build_dataset
 from blip2cli.data.transforms import TrainTransform, eval_pixels, split_prefix
 from blip2cli.errors import UsageError
 from blip2cli.train.feature_cache import FeatureCache
@@ -147,12 +147,11 @@ def image_transform(recipe: Recipe, train: bool = True) -> Callable[[Image.Image
 
 def build_sources(sources: list[DataSource], split: str, recipe: Recipe) -> list[Dataset | IterableDataset]:
     """Datasets for the recipe's entries; VQA needs question lines and the other tasks captions."""
-    names = [f.name for f in fields(DatasetSpec)]
     built = []
     for i, source in enumerate(sources):
         key = f"data.{split}[{i}]"
         try:
-            dataset = build_dataset(DatasetSpec(**{n: getattr(source, n) for n in names}))
+            dataset = build_dataset(source)
         except UsageError as exc:
             raise UsageError(f"{key}: {exc}") from None
         if isinstance(dataset, ImageTextDataset):
