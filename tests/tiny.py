@@ -107,9 +107,22 @@ def _processor(tokenizer, out: Path, num_query_tokens: int | None):
     return processor
 
 
+def _save_generation_model(out: Path, tok, text_config, seed: int) -> Path:
+    """A random Blip2ForConditionalGeneration around `text_config`, saved with `save_pretrained` into `out`."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2VisionConfig
+
+    config = Blip2Config(vision_config=Blip2VisionConfig(**VISION).to_dict(), text_config=text_config.to_dict(),
+                         qformer_config=_qformer_config(30522, False).to_dict(), num_query_tokens=Q,
+                         image_token_index=tok.convert_tokens_to_ids("<image>"))
+    model = Blip2ForConditionalGeneration(config)
+    _randomize(model, seed)
+    model.save_pretrained(out)
+    return out
+
+
 def opt_model(out: Path, seed: int = 0) -> Path:
     """A Blip2ForConditionalGeneration with a tiny OPT, saved like the Salesforce/blip2-opt-* repos."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2VisionConfig, OPTConfig
+    from transformers import OPTConfig
 
     tok = opt_tokenizer(out)
     processor = _processor(tok, out, Q)  # adds <image>
@@ -119,17 +132,11 @@ def opt_model(out: Path, seed: int = 0) -> Path:
     text = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
                      max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2,
                      eos_token_id=newline[0])  # as in the hub config: eos = "\n" (spec §5.2)
-    config = Blip2Config(vision_config=Blip2VisionConfig(**VISION).to_dict(), text_config=text.to_dict(),
-                         qformer_config=_qformer_config(30522, False).to_dict(), num_query_tokens=Q,
-                         image_token_index=tok.convert_tokens_to_ids("<image>"))
-    model = Blip2ForConditionalGeneration(config)
-    _randomize(model, seed)
-    model.save_pretrained(out)
-    return out
+    return _save_generation_model(out, tok, text, seed)
 
 
 def t5_model(out: Path, seed: int = 1) -> Path:
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2VisionConfig, T5Config
+    from transformers import T5Config
 
     tok = t5_tokenizer(out)
     processor = _processor(tok, out, Q)
@@ -138,13 +145,7 @@ def t5_model(out: Path, seed: int = 1) -> Path:
                     num_heads=4, dense_act_fn="gelu", is_gated_act=True, feed_forward_proj="gated-gelu",
                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, bos_token_id=1,
                     tie_word_embeddings=False)
-    config = Blip2Config(vision_config=Blip2VisionConfig(**VISION).to_dict(), text_config=text.to_dict(),
-                         qformer_config=_qformer_config(30522, False).to_dict(), num_query_tokens=Q,
-                         image_token_index=tok.convert_tokens_to_ids("<image>"))
-    model = Blip2ForConditionalGeneration(config)
-    _randomize(model, seed)
-    model.save_pretrained(out)
-    return out
+    return _save_generation_model(out, tok, text, seed)
 
 
 def retrieval_model(out: Path, seed: int = 2) -> Path:
