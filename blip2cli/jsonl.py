@@ -1,7 +1,8 @@
 """Append-only JSONL logs that survive being killed: what `caption --out`, `ask --out` and `eval --out` resume from.
 
 Every record is one line, written and flushed at once, so a run loses at most the line being written when it is
-killed. Reading and reopening drop such a cut-off last line; any other line that is not a JSON object is an error.
+killed. Reading skips such a cut-off last line and reopening for append removes it; any other line that is not a
+JSON object is an error.
 """
 
 from __future__ import annotations
@@ -32,17 +33,20 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The complete records of a log ([] when it does not exist yet)."""
     if not path.is_file():
         return []
-    _cut_partial_line(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    whole = data[: data.rfind(b"\n") + 1]  # a cut-off last line is left for JsonlLog to drop
     records = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if not isinstance(record, dict):
-                raise UsageError(f"{path}:{number}: not a JSON record; fix or delete the file to start over")
-            records.append(record)
+    for number, line in enumerate(whole.decode("utf-8", errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            raise UsageError(f"{path}:{number}: not a JSON record; fix or delete the file to start over")
+        records.append(record)
     return records
 
 

@@ -24,3 +24,13 @@ def test_a_bad_line_in_the_middle_is_a_clear_error(tmp_path):
     log.write_text('{"id": 1}\nnot json\n{"id": 2}\n')
     with pytest.raises(UsageError, match="log.jsonl:2: not a JSON record"):
         read_jsonl(log)
+
+
+def test_reading_a_log_never_writes_it(tmp_path):
+    from blip2cli.jsonl import read_jsonl
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"id": 1}\n{"id": 2')  # cut off by a kill
+    log.chmod(0o444)
+    assert read_jsonl(log) == [{"id": 1}]
+    assert log.read_text() == '{"id": 1}\n{"id": 2'
