@@ -75,10 +75,12 @@ class Blip2(nn.Module):
             self.ln_vision.eps,
         )
 
-    def query_image(self, embeds: Tensor) -> tuple[Tensor, QueryCache]:
-        """The query pass: Z (B, Q, H) and its per-layer K/V (for ITG). The Q-Former computes in fp32."""
+    def query_image(self, embeds: Tensor, image_kv: list | None = None) -> tuple[Tensor, QueryCache]:
+        """The query pass: Z (B, Q, H) and its per-layer K/V (for ITG). The Q-Former computes in fp32.
+        `image_kv`: the images' cross-attention keys/values, when already projected (`qformer.image_kv`)."""
         queries = self.query_tokens.expand(embeds.shape[0], -1, -1)
-        return self.qformer.encode_queries(queries, embeds.to(self.query_tokens.dtype))
+        image = embeds.to(queries.dtype) if image_kv is None else None
+        return self.qformer.encode_queries(queries, image, image_kv)
 
     def image_features(self, embeds: Tensor) -> Tensor:
         """Normalised ITC query vectors (B, Q, 256)."""
@@ -103,9 +105,11 @@ class Blip2(nn.Module):
         """Normalised ITC text vectors (T, 256) from the [CLS] position."""
         return self._text_vectors(*self.tokenize(texts))
 
-    def _itm(self, embeds: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-        queries = self.query_tokens.expand(embeds.shape[0], -1, -1)
-        hidden = self.qformer.encode_joint(queries, ids, mask, embeds.to(queries.dtype))
+    def _itm(self, embeds: Tensor | None, ids: Tensor, mask: Tensor, image_kv: list | None = None) -> Tensor:
+        """ITM logits (B, 2) of aligned pairs; the images as embeddings, or as projected keys/values."""
+        queries = self.query_tokens.expand(ids.shape[0], -1, -1)
+        image = embeds.to(queries.dtype) if image_kv is None else None
+        hidden = self.qformer.encode_joint(queries, ids, mask, image, image_kv)
         return self._need("itm_head")(hidden[:, : queries.shape[1]]).mean(dim=1)  # (B, 2)
 
     def itm_logits(self, embeds: Tensor, texts: Sequence[str]) -> Tensor:
@@ -135,8 +139,7 @@ class Blip2(nn.Module):
         """ITC + ITM + ITG, unweighted (spec §4). `image_ids` switches ITC/ITM to multi-positive mode."""
         embeds = self.vision_embeds(pixels)  # (B, N, Dv)
         image_kv = self.qformer.image_kv(embeds)  # projected once: the query pass and the ITM positives share it
-        queries = self.query_tokens.expand(embeds.shape[0], -1, -1)
-        z, cache = self.qformer.encode_queries(queries, None, image_kv)  # (B, Q, H)
+        z, cache = self.query_image(embeds, image_kv)  # (B, Q, H)
         img = F.normalize(self.vision_proj(z), dim=-1)  # (B, Q, 256)
         ids, mask = self.tokenize(texts, pad_to_max=True)  # fixed length so ranks can gather
         txt = self._text_vectors(ids, mask)  # (B, 256)
@@ -162,9 +165,7 @@ class Blip2(nn.Module):
         neg_kv = self.qformer.image_kv(pairs.neg_image_embeds)
         pair_kv = [None if pos is None else tuple(torch.cat((p, n, p)) for p, n in zip(pos, neg))
                    for pos, neg in zip(image_kv, neg_kv)]
-        queries = self.query_tokens.expand(pairs.text_ids.shape[0], -1, -1)
-        hidden = self.qformer.encode_joint(queries, pairs.text_ids, pairs.text_mask, None, pair_kv)
-        logits = self.itm_head(hidden[:, : queries.shape[1]]).mean(dim=1)  # (3B, 2)
+        logits = self._itm(None, pairs.text_ids, pairs.text_mask, pair_kv)  # (3B, 2)
         return losses.itm_loss(logits, embeds.shape[0])
 
     def stage2_loss(self, pixels: Tensor, texts: Sequence[str], prompt: str | Sequence[str] = "",
