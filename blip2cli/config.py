@@ -360,6 +360,8 @@ class TrainConfig:
     feature_cache: str = ""  # folder caching the frozen ViT's output per image (before ln_vision, which trains),
     # so later epochs skip the ViT; needs data.augment: false and a frozen ViT; "" = off
     keep_last: int = 0  # keep only the newest N step folders; 0 = keep all
+    fsdp: bool = False  # with several processes, shard the frozen ViT and LLM block by block (FSDP2) so each
+    # process holds 1/N of them; the trained parts stay replicated under DDP (train/sharding.py)
 
     def __post_init__(self) -> None:
         positive = {"lr": self.lr, "max_steps": self.max_steps, "global_batch_size": self.global_batch_size,

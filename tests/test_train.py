@@ -242,6 +242,55 @@ def test_two_cpu_processes_train_together(assets, tmp_path):
     assert sorted(p.name for p in (out / "step-00000004").glob("rng_state_*")) == ["rng_state_0.pt", "rng_state_1.pt"]
 
 
+def _launch_two(args: list[str], port: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), "-m", "blip2cli", *args]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.parametrize(("llm", "sharded"), [("opt", "0.08M"), ("t5", "0.12M")])
+def test_fsdp_shards_the_frozen_towers_and_changes_nothing_else(assets, tmp_path, llm, sharded):
+    """Stage 2 on two gloo processes with `train.fsdp`: each process holds half of every frozen ViT and LLM
+    block, gradients flow back through the sharded LLM, and the losses and saved weights (the random ViT gathered
+    whole) equal the plain DDP run's."""
+    from blip2cli.model.weights import read_safetensors
+
+    name = assets["opt"]
+    if llm == "t5":  # 2 + 2 T5 blocks; block 0 of each stack holds the relative position bias
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        from tests import tiny
+
+        name = tmp_path / "t5"
+        tok = tiny.t5_tokenizer(name)
+        T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                            num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0,
+                                            eos_token_id=1, decoder_start_token_id=0)).save_pretrained(name)
+    sets = _sets(assets, 3, **{"model.llm.name": name, "model.qformer.text": "false",
+                               "model.llm.prompt": "a photo of", "train.global_batch_size": 4,
+                               "train.micro_batch_size": 2, "train.lr": 2e-3,
+                               **({"model.llm.eos_text": ""} if llm == "t5" else {})})
+    runs = {}
+    for kind, port in (("ddp", 29541), ("fsdp", 29542)):
+        args = ["pretrain", "--stage", "2", str(RECIPE), "--out", str(tmp_path / kind), "--json", *sets,
+                "--set", f"train.fsdp={kind == 'fsdp'}"]
+        runs[kind] = _launch_two(args, port)
+    # ViT 2 x 33,408 weights + OPT 2 x 8,544, or + T5 2 x 10,304 (encoder) + 2 x 14,432 (decoder) + 2 x 128 bias
+    assert f"train.fsdp: {sharded} frozen parameters sharded over 2 processes" in runs["fsdp"].stderr
+    assert "warning" not in runs["fsdp"].stderr
+    losses = {k: _losses([json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]) for k, r in runs.items()}
+    assert len(losses["ddp"]) == 3 and losses["fsdp"] == pytest.approx(losses["ddp"], abs=1e-5)
+    saved = {k: read_safetensors(tmp_path / k / "final" / "model.safetensors") for k in runs}
+    assert "vision.tower.blocks.1.mlp.fc1.weight" in saved["fsdp"] and saved["fsdp"].keys() == saved["ddp"].keys()
+    for key, value in saved["ddp"].items():
+        assert torch.allclose(saved["fsdp"][key], value, atol=1e-5), key
+
+
 @pytest.mark.parametrize(("stage", "sets", "message"), [
     ("1", ["train.lrr=1"], "train.lrr: unknown key (did you mean 'lr'?)"),
     ("1", ["train.max_steps=many"], "train.max_steps: expected an integer, got str 'many'"),

@@ -32,6 +32,7 @@ from blip2cli.config import ModelConfig, Recipe, save_recipe
 from blip2cli.errors import UsageError
 from blip2cli.model.blip2 import Blip2
 from blip2cli.model.load import LLM_TOKENIZER_DIR, QFORMER_TOKENIZER_DIR, RUN_RECIPE, RUN_WEIGHTS
+from blip2cli.train.sharding import full
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -95,13 +96,14 @@ def find_resume(out: Path, resume: str | None) -> Path | None:
 
 
 def saved_weights(model: Blip2, cfg: ModelConfig) -> dict[str, Tensor]:
-    """Trainable weights, plus the frozen ViT when no named source can rebuild it."""
+    """Trainable weights, plus the frozen ViT when no named source can rebuild it. A ViT sharded by `train.fsdp`
+    is gathered whole, so with several processes every one of them must call this."""
     state = model.trainable_state_dict()
     rebuildable = cfg.vision.kind == "eva" and bool(cfg.vision.weights)
     if not rebuildable:
         for name, p in model.named_parameters():
             if name.startswith("vision.") and name not in state:
-                state[name] = p
+                state[name] = full(p)
     return {_unwrap_name(k): v for k, v in state.items()}
 
 
@@ -214,8 +216,9 @@ def save_checkpoint(acc, folder: Path, model: Blip2, recipe: Recipe, state: Trai
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
+    weights = saved_weights(model, recipe.model)  # on every rank: sharded weights are gathered collectively
     if acc.is_main_process:
-        write_run_dir(tmp, model, recipe)
+        write_run_dir(tmp, model, recipe, weights)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / SCALER_FILE)
@@ -227,12 +230,14 @@ def save_checkpoint(acc, folder: Path, model: Blip2, recipe: Recipe, state: Trai
     acc.wait_for_everyone()
 
 
-def write_run_dir(folder: Path, model: Blip2, recipe: Recipe) -> None:
-    """What `load_model` needs: recipe.yaml, model.safetensors and the tokenizers."""
+def write_run_dir(folder: Path, model: Blip2, recipe: Recipe, weights: dict[str, Tensor] | None = None) -> None:
+    """What `load_model` needs: recipe.yaml, model.safetensors (`weights`, or `saved_weights`) and the
+    tokenizers."""
     from blip2cli.model.weights import save_safetensors
 
     save_recipe(recipe, folder / RUN_RECIPE)
-    save_safetensors(saved_weights(model, recipe.model), folder / RUN_WEIGHTS, {"format": "pt"})
+    weights = saved_weights(model, recipe.model) if weights is None else weights
+    save_safetensors(weights, folder / RUN_WEIGHTS, {"format": "pt"})
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(folder / QFORMER_TOKENIZER_DIR)
     if model.llm is not None:

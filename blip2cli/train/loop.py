@@ -29,6 +29,7 @@ from blip2cli.config import Recipe, save_recipe
 from blip2cli.errors import UsageError
 from blip2cli.model.blip2 import Blip2
 from blip2cli.train import checkpoint as ckpt
+from blip2cli.train import sharding
 from blip2cli.train.data import Batch, TrainData, ValBatches, build_train_data, build_val_batches
 from blip2cli.train.feature_cache import CachedVision, FeatureCache
 from blip2cli.train.optim import build_optimizer, lr_at, set_lr
@@ -116,7 +117,11 @@ def run(recipe: Recipe, out: Path, resume: str | None = None, stop_at: int | Non
         ckpt.load_weights(resume_dir, model)
     cache = _feature_cache(recipe, model, data, acc.device) if t.feature_cache else None
     optimizer = build_optimizer(model, t, recipe.model.vision.depth)
-    objective, optimizer = acc.prepare(Objective(model, recipe, cache), optimizer)
+    objective = Objective(model, recipe, cache)
+    if t.fsdp:
+        _shard(model, acc, with_vision=cache is None)
+        sharding.ignore_in_ddp(objective)
+    objective, optimizer = acc.prepare(objective, optimizer)
 
     state = ckpt.TrainerState(world_size=world, micro_batch_size=t.micro_batch_size, accumulation=accumulation,
                               max_steps=t.max_steps)
@@ -199,6 +204,16 @@ def _feature_cache(recipe: Recipe, model: Blip2, data: TrainData, device: torch.
     model.vision = CachedVision(model.vision)
     data.attach_cache(cache)
     return cache
+
+
+def _shard(model: Blip2, acc, with_vision: bool) -> None:
+    if acc.num_processes == 1:
+        _note("train.fsdp: one process, nothing to shard")
+        return
+    count = sharding.shard_frozen(model, acc.device, with_vision)
+    if acc.is_main_process:
+        kept = "" if with_vision else " (the cached ViT stays whole)"
+        _note(f"train.fsdp: {count / 1e6:.2f}M frozen parameters sharded over {acc.num_processes} processes{kept}")
 
 
 def _data_position(previous: ckpt.TrainerState | None, micro: int, world: int) -> int:
