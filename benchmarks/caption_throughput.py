@@ -15,9 +15,10 @@ Also: the machine's fp32 matmul GFLOP/s and the share of it the image encoder re
 The floor: what any implementation computing the same fp32 tokens must spend at least. It is the measured image
 encoder + Q-Former + one prompt pass per image, plus, per decoding step, the LLM's linear layers and LM head
 alone on that step's rows (batch x beams), timed on the model's own weights in three layouts (as stored,
-transposed, and oneDNN-packed for that row count; the fastest counts): no attention, no cache, no search. `hf/floor` is the largest speed-up
-over transformers that such an implementation could reach; where it is below 1.5, a 1.5x target is out of
-reach on this machine at identical tokens. (Lower precision or a different algorithm would change the tokens.)
+transposed, and oneDNN-packed for that row count; the fastest counts): no attention, no cache, no search.
+`hf/floor` is the largest speed-up over transformers that such an implementation could reach; where it is below
+1.5, a 1.5x target is out of reach on this machine at identical tokens. (Lower precision or a different
+algorithm would change the tokens.)
 
     .venv/bin/python benchmarks/caption_throughput.py --repeats 3
 """
@@ -210,14 +211,14 @@ def main() -> None:
     floors = {}  # (beams, batch) -> seconds for all images at the floor
     with torch.inference_mode():
         lm = ours.llm.model
-        for beams in (1, 5):
-            for bs in (1, 8):
-                embeds = ours.vision_embeds(pixels[:bs])
-                prefix = ours.llm_prefix(embeds)
-                inputs, mask = ours.llm.decoder_inputs(prefix, [""] * bs)
-                parts = (lambda p=pixels[:bs]: ours.vision_embeds(p), lambda e=embeds: ours.llm_prefix(e),
-                         lambda i=inputs, m=mask: lm(inputs_embeds=i, attention_mask=m, logits_to_keep=1))
-                fixed = sum(min(clock(fn) for _ in range(3)) for fn in parts)  # fmt: skip
+        for bs in (1, 8):  # the encoder, Q-Former and prompt pass do not depend on the beams
+            embeds = ours.vision_embeds(pixels[:bs])
+            prefix = ours.llm_prefix(embeds)
+            inputs, mask = ours.llm.decoder_inputs(prefix, [""] * bs)
+            parts = (lambda p=pixels[:bs]: ours.vision_embeds(p), lambda e=embeds: ours.llm_prefix(e),
+                     lambda i=inputs, m=mask: lm(inputs_embeds=i, attention_mask=m, logits_to_keep=1))
+            fixed = sum(min(clock(fn) for _ in range(3)) for fn in parts)
+            for beams in (1, 5):
                 steps = (args.max_new_tokens - 1) * linear_step_s(lm, bs * beams)  # the prompt pass gives token 1
                 floors[beams, bs] = (fixed + steps) * (len(files) / bs)
 

@@ -696,8 +696,8 @@ def eval_caption(
     Scores are fractions (CIDEr 1.458 = 145.8). NoCaps also gets CIDEr and SPICE per domain.
     """
     from blip2cli.eval import caption as cap
-    from blip2cli.eval import check_run
     from blip2cli.eval import datasets as ds
+    from blip2cli.eval import resume_log
     from blip2cli.model import presets
 
     _eval_inputs(predictions, model, images)
@@ -713,10 +713,8 @@ def eval_caption(
         paths = ds.resolve_images(images, [data.files[i] for i in data.refs])
         net, pixels = _eval_model(model, device, dtype)
         options = _eval_options(presets.caption_options(net, prompt), num_beams, max_new_tokens, min_new_tokens)
-        if out is not None:
-            check_run(out, {"task": "caption", "model": model, "annotations": str(annotations), "prompt": prompt,
-                            "options": vars(options)})  # fmt: skip
-        log = out / "predictions.jsonl" if out is not None else None
+        log = resume_log(out, {"task": "caption", "model": model, "annotations": str(annotations), "prompt": prompt,
+                               "options": vars(options)})  # fmt: skip
         preds = cap.generate_captions(net, dict(zip(data.refs, paths)), pixels, prompt, options, batch_size, log)
     scores = cap.score_captions(data.refs, preds, chosen, data.domains or None)
     record: dict[str, Any] = {"task": "caption", "n": scores.n, "metrics": scores.metrics}
@@ -764,8 +762,8 @@ def eval_vqa(
     json_out: JsonOpt = False,
 ) -> None:
     """VQAv2 / OK-VQA accuracy (official VQA rules, 0-100) and GQA exact-match accuracy."""
-    from blip2cli.eval import check_run, vqa
     from blip2cli.eval import datasets as ds
+    from blip2cli.eval import resume_log, vqa
     from blip2cli.model import presets
 
     _eval_inputs(predictions, model, images)
@@ -794,11 +792,9 @@ def eval_vqa(
         paths = ds.resolve_images(images, [q.images for q in items])
         net, pixels = _eval_model(model, device, dtype)
         options = _eval_options(presets.vqa_options(net), num_beams, max_new_tokens, min_new_tokens)
-        if out is not None:
-            check_run(out, {"task": f"vqa-{dataset}", "model": model, "questions": str(questions or annotations),
-                            "template": template, "lemmatize": lemma, "options": vars(options)})  # fmt: skip
+        log = resume_log(out, {"task": f"vqa-{dataset}", "model": model, "questions": str(questions or annotations),
+                               "template": template, "lemmatize": lemma, "options": vars(options)})  # fmt: skip
         jobs = [(q.question_id, p, template.format(clean_question(q.question))) for q, p in zip(items, paths)]
-        log = out / "predictions.jsonl" if out is not None else None
         preds = vqa.answer_questions(net, jobs, pixels, options, batch_size, log, lemmatize_answers=lemma)
     if dataset == "gqa":
         scores = vqa.score_gqa({q.question_id: q.answers[0] for q in items}, preds)
@@ -849,19 +845,14 @@ def eval_retrieval(
         i2t_ranked, t2i_ranked = ds.read_retrieval_predictions(predictions, len(data.images), len(data.texts))
     else:
         from blip2cli.data.transforms import clean_caption
-        from blip2cli.eval import retrieval
+        from blip2cli.eval import resume_log, retrieval
 
         paths = ds.resolve_images(images, [[p] for p in data.images])
         net, pixels = _eval_model(model, device, dtype)
         net.cfg.qformer.max_text_len = 35  # spec §8: retrieval evaluation pads/truncates texts at 35 tokens
         texts = [clean_caption(t) for t in data.texts]
-        log = None
-        if out is not None:
-            from blip2cli.eval import check_run
-
-            check_run(out, {"task": f"retrieval-{dataset}", "model": model, "annotations": str(annotations),
-                            "k_test": k_test})  # fmt: skip
-            log = out / "itm_rows.jsonl"  # a rerun with the same --out resumes the ITM re-ranking
+        settings = {"task": f"retrieval-{dataset}", "model": model, "annotations": str(annotations), "k_test": k_test}
+        log = resume_log(out, settings, "itm_rows.jsonl")  # a rerun with the same --out resumes the ITM re-ranking
         i2t, t2i = retrieval.retrieval_scores(net, paths, texts, pixels, batch_size, k_test, log=log)
         keep = max(k_test, 10)  # beyond k every cell is -100 and ranks by index: the saved lists are lossless
         i2t_ranked, t2i_ranked = retrieval.top_rankings(i2t, keep), retrieval.top_rankings(t2i, keep)

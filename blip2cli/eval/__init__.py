@@ -60,6 +60,14 @@ def check_run(out: Path, settings: dict[str, Any]) -> None:
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
+def resume_log(out: Path | None, settings: dict[str, Any], name: str = "predictions.jsonl") -> Path | None:
+    """The log a model run appends to and resumes from (None without --out), once `check_run` accepts `out`."""
+    if out is None:
+        return None
+    check_run(out, settings)
+    return out / name
+
+
 def write_outputs(out: Path, record: dict[str, Any], predictions: list[dict[str, Any]] | dict[str, Any] | None) -> None:
     """`scores.json` (the --json record) and `predictions.json` (official result format, rescorable)."""
     out.mkdir(parents=True, exist_ok=True)

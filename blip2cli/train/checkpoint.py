@@ -230,13 +230,12 @@ def save_checkpoint(acc, folder: Path, model: Blip2, recipe: Recipe, state: Trai
     acc.wait_for_everyone()
 
 
-def write_run_dir(folder: Path, model: Blip2, recipe: Recipe, weights: dict[str, Tensor] | None = None) -> None:
-    """What `load_model` needs: recipe.yaml, model.safetensors (`weights`, or `saved_weights`) and the
+def write_run_dir(folder: Path, model: Blip2, recipe: Recipe, weights: dict[str, Tensor]) -> None:
+    """What `load_model` needs: recipe.yaml, model.safetensors (`weights`, from `saved_weights`) and the
     tokenizers."""
     from blip2cli.model.weights import save_safetensors
 
     save_recipe(recipe, folder / RUN_RECIPE)
-    weights = saved_weights(model, recipe.model) if weights is None else weights
     save_safetensors(weights, folder / RUN_WEIGHTS, {"format": "pt"})
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(folder / QFORMER_TOKENIZER_DIR)
