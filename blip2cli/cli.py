@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
 from blip2cli import __version__
+from blip2cli.decoding import CAPTION_PROMPT, CHAT_TEMPLATE, VQA_TEMPLATE, Decoding, check_template, describe
 from blip2cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from blip2cli.model.blip2 import Blip2
+    from blip2cli.model.capabilities import Need
 
 app = typer.Typer(
     name="blip2",
@@ -156,40 +161,25 @@ def caption(
     Exit 1 when some images could not be read (each is reported on one line, the rest are captioned).
     """
     from blip2cli import caption as job
-    from blip2cli.config import GenerationOptions
     from blip2cli.data.inputs import expand_inputs
-    from blip2cli.model import presets
-    from blip2cli.render import console, emit, error, progress, table, warn
+    from blip2cli.render import console, emit, error, progress, table
 
     paths = expand_inputs(inputs)
-    if out is not None and out.is_dir():
-        raise UsageError(f"--out: {out} is a folder; give a file such as {out / 'captions.jsonl'}")
-    decoding = job.Decoding(num_beams, max_new_tokens, min_new_tokens, sample, top_p, temperature, num_captions)
-    decoding.apply(GenerationOptions())  # contradictory flags fail now, not after loading the model
-    done = job.read_done(out, lambda r: job.image_key(r["image"]) if "image" in r else None) if out else set()
-    todo = [p for p in paths if job.image_key(p) not in done]
-    if out is not None and len(todo) < len(paths):
+    decoding = Decoding(num_beams, max_new_tokens, min_new_tokens, sample, top_p, temperature, num_captions).check()
+    settings = {"prompt": prompt, "keep_prompt": keep_prompt, "seed": seed}
+    log = job.open_log(out, model=model, decoding=decoding, **settings) if out is not None else None
+    todo = job.pending(paths, log)
+    if log is not None and len(todo) < len(paths):
         console.print(f"{len(paths) - len(todo)} of {len(paths)} images already captioned in {out}: skipped")
     if not todo:
         return
-
-    from blip2cli.model.load import load_model
-
-    net = load_model(model, device, dtype)
-    text = net.cfg.llm.prompt if prompt is None else prompt
-    if net.llm is None and text:
-        warn("--prompt is ignored: this model has no language model and captions with the Q-Former")
-        text = ""
-    options = decoding.apply(presets.caption_options(net, text))
+    net = _load(model, device, dtype, "caption", "caption")
     _seed(seed)
-    log = job.JsonlLog(out) if out is not None else None
+    records = job.caption_images(net, todo, decoding=decoding, prompt=prompt, keep_prompt=keep_prompt,
+                                 batch_size=batch_size, log=log)  # fmt: skip
     rows, failed = [], 0
     try:
-        results = job.run_jobs(net, [job.Job(p, text) for p in todo], options, batch_size)
-        for item, texts in progress(results, len(todo), "captioning"):
-            record = job.caption_record(str(item.image), texts, text, keep_prompt)
-            if log is not None:
-                log.write(record)
+        for record in progress(records, len(todo), "captioning"):
             failed += "error" in record
             if json_out:
                 emit(record)
@@ -203,8 +193,18 @@ def caption(
         if log is not None:
             log.close()
         if rows:
-            table(f"captions ({job.describe(options)})", ["image", "caption"], rows)
+            table(f"captions ({describe(job.caption_options(net, decoding, prompt))})", ["image", "caption"], rows)
     _failures(failed, len(todo), "images")
+
+
+def _load(name: str, device: str, dtype: str, need: Need, job: str) -> Blip2:
+    """Load `--model` and refuse it at once (one line, exit 2) when it cannot do the job."""
+    from blip2cli.model.capabilities import require
+    from blip2cli.model.load import load_model
+
+    model = load_model(name, device, dtype)
+    require(model, need, job, name)
+    return model
 
 
 def _seed(seed: int | None) -> None:
@@ -281,19 +281,13 @@ def ask(
 
     Exit 1 when an image could not be read or a --batch line was unusable (each reported, the rest answered).
     """
-    from blip2cli import caption as job
-    from blip2cli.config import GenerationOptions
-    from blip2cli.model import presets
+    from blip2cli import ask as job
+    from blip2cli.jsonl import JsonlLog
+    from blip2cli.render import console
 
     if instruct and template is not None:
         raise UsageError("--template: not used with --instruct (the text is sent as typed)")
-    tmpl = template if template is not None else (job.CHAT_TEMPLATE if chat else job.VQA_TEMPLATE)
-    try:
-        tmpl.format("?")
-    except (IndexError, KeyError, ValueError):
-        raise UsageError(f"--template: {tmpl!r} must hold one {{}} for the question (and no other braces)") from None
-    if "{}" not in tmpl:
-        raise UsageError(f"--template: {tmpl!r} has no {{}} for the question")
+    tmpl = check_template(template if template is not None else (CHAT_TEMPLATE if chat else VQA_TEMPLATE))
     if batch is not None and (image is not None or chat):
         raise UsageError("--batch: give either IMAGE QUESTION, --chat or --batch FILE, not several")
     if batch is None:
@@ -307,27 +301,28 @@ def ask(
             raise UsageError(f"{image} is a folder: blip2 ask takes one image (or --batch FILE.jsonl)")
     if out is not None and out.is_dir():
         raise UsageError(f"--out: {out} is a folder; give a file such as {out / 'answers.jsonl'}")
-    decoding = job.Decoding(num_beams, max_new_tokens, min_new_tokens, sample, top_p, temperature)
-    decoding.apply(GenerationOptions())  # contradictory flags fail now, not after loading the model
-    items = job.read_batch(batch) if batch is not None else None
-
-    from blip2cli.model.load import load_model
-
-    net = load_model(model, device, dtype)
-    if net.llm is None:
-        raise UsageError(f"{model}: a stage-1 model (Q-Former only) has no language model to answer with; "
-                         "use blip2 caption, or a stage-2 model")  # fmt: skip
-    options = decoding.apply(presets.instruct_options(net) if instruct else presets.vqa_options(net))
+    decoding = Decoding(num_beams, max_new_tokens, min_new_tokens, sample, top_p, temperature).check()
+    items: list[Any] = [job.BatchQuestion(0, image, question)] if batch is None else job.read_batch(batch)
+    log: Any = None
+    if batch is not None and out is not None:
+        settings = {"template": tmpl, "instruct": instruct, "seed": seed}
+        log = job.open_log(out, model=model, decoding=decoding, **settings)
+        todo = job.pending(items, log)
+        if len(todo) < len(items):
+            console.print(f"{len(items) - len(todo)} questions already answered in {out}: skipped")
+        items = todo
+    net = _load(model, device, dtype, "answer", "ask")
     _seed(seed)
-    log = job.JsonlLog(out) if out is not None else None
+    if log is None and out is not None:
+        log = JsonlLog(out)
     try:
-        if items is not None:
-            failed, total = _ask_batch(net, items, tmpl, instruct, options, batch_size, log, json_out, resume=True)
-        elif chat:
-            failed, total = _ask_chat(net, image, question, tmpl, instruct, options, log, json_out)
+        if chat:
+            options = job.answer_options(net, decoding, instruct)
+            failed, total = _chat(net, image, question, tmpl, instruct, options, log, json_out)
         else:
-            failed, total = _ask_batch(net, [job.BatchQuestion(0, image, question)], tmpl, instruct, options, 1,
-                                       log, json_out)  # fmt: skip
+            records = job.answer(net, items, decoding=decoding, template=tmpl, instruct=instruct,
+                                 batch_size=batch_size if batch is not None else 1, log=log)  # fmt: skip
+            failed, total = _show_answers(records, len(items), json_out, single=len(items) == 1)
     except KeyboardInterrupt:
         _interrupted(log)
     finally:
@@ -336,70 +331,50 @@ def ask(
     _failures(failed, total, "questions")
 
 
-def _ask_batch(net: Any, items: list[Any], template: str, instruct: bool, options: Any, batch_size: int,
-               log: Any, json_out: bool, resume: bool = False) -> tuple[int, int]:  # fmt: skip
-    """Answer (image, question) items in batches, skipping those already in --out; returns (failed, total)."""
-    from blip2cli import caption as job
+def _show_answers(records: Iterable[dict[str, Any]], total: int, json_out: bool, single: bool) -> tuple[int, int]:
+    """Each record on stdout (--json) or errors as they come and a table of answers at the end; (failed, total)."""
     from blip2cli.render import console, emit, error, progress, table
 
-    def key(record: dict[str, Any]) -> tuple[str, str] | None:
-        return (job.image_key(record["image"]), record["question"]) if "question" in record else None
-
-    done = job.read_done(log.path, key) if log is not None and resume else set()
-    todo = [i for i in items if isinstance(i, dict) or key(vars(i)) not in done]
-    if len(todo) < len(items):
-        console.print(f"{len(items) - len(todo)} questions already answered in {log.path}: skipped")
-    asked = [i for i in todo if not isinstance(i, dict)]
-    jobs = [job.Job(Path(i.image), job.question_prompt(i.question, template, instruct)) for i in asked]
-    results = iter(progress(job.run_jobs(net, jobs, options, batch_size), len(jobs), "answering"))
-    records = []
-    for item in todo:  # file order: unusable lines where they stand, answers as the model produces them
-        if isinstance(item, dict):
-            record = item
-        else:
-            texts = next(results)[1]
-            record = {"image": item.image, "question": item.question}
-            record.update({"error": texts} if isinstance(texts, str) else {"answer": texts[0]})
-        records.append(record)
-        if log is not None:
-            log.write(record)
+    answered, failed = [], 0
+    for record in progress(records, total, "answering"):
+        failed += "error" in record
         if json_out:
             emit(record)
         elif "error" in record:
             error(record["error"])
-    next(results, None)  # let the progress bar finish
-    answered = [r for r in records if "answer" in r]
-    if not json_out and len(items) == 1 and answered:
+        else:
+            answered.append(record)
+    if not json_out and single and answered:
         console.print(answered[0]["answer"], markup=False, highlight=False)
     elif not json_out and answered:
         table("answers", ["image", "question", "answer"], [(r["image"], r["question"], r["answer"]) for r in answered])
-    return sum("error" in r for r in records), len(todo)
+    return failed, total
 
 
-def _ask_chat(net: Any, image: str, question: str | None, template: str, instruct: bool, options: Any,
-              log: Any, json_out: bool) -> tuple[int, int]:  # fmt: skip
+def _chat(net: Blip2, image: str, question: str | None, template: str, instruct: bool, options: Any,
+          log: Any, json_out: bool) -> tuple[int, int]:  # fmt: skip
     """A conversation: the first question from the command line (if any), then one per stdin line."""
     import sys
 
-    from blip2cli import caption as job
+    from blip2cli.ask import Chat
+    from blip2cli.caption import image_pixels
     from blip2cli.render import console, emit, error
 
-    pixels = job.image_pixels(Path(image), net.cfg.vision.image_size, net.cfg.image_mean, net.cfg.image_std)
+    pixels = image_pixels(Path(image), net.cfg.vision.image_size, net.cfg.image_mean, net.cfg.image_std)
     if isinstance(pixels, str):
         record = {"image": image, "question": question or "", "error": pixels}
         if log is not None:
             log.write(record)
         emit(record) if json_out else error(pixels)
         return 1, 1
-    talk = job.Chat(net, pixels, template, options, instruct)
+    talk = Chat(net, pixels, template, options, instruct)
     interactive = sys.stdin.isatty()
     turns = 0
     while True:
         if question is None:
             if interactive:
                 console.print("[bold]question>[/] ", end="")
-            line = sys.stdin.readline()
-            question = line.strip()
+            question = sys.stdin.readline().strip()
             if not question or question.lower() in ("exit", "quit"):
                 break
         answer = talk.ask(question)
@@ -593,53 +568,12 @@ def finetune(
     _train(recipe, sets or [], out, resume, max_steps, json_out, None)
 
 
-def _eval_model(name: str, device: str, dtype: str) -> tuple[Any, Callable[[list[Path]], Any]]:
-    """Load `--model` for a benchmark and a pixel loader at its resolution; an unusable image stops the run."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from blip2cli.data.images import load_image
-    from blip2cli.data.transforms import eval_pixels
-    from blip2cli.errors import InputError
-    from blip2cli.model.load import load_model
-
-    model = load_model(name, device, dtype)
-    cfg = model.cfg
-
-    def pixels(paths: list[Path]) -> Any:
-        try:
-            with ThreadPoolExecutor(max_workers=8) as pool:  # decoding JPEGs would otherwise starve the GPU
-                images = list(pool.map(load_image, paths))
-        except InputError as exc:
-            raise UsageError(f"{exc} (a benchmark needs every image)") from None
-        return eval_pixels(images, cfg.vision.image_size, cfg.image_mean, cfg.image_std)
-
-    return model, pixels
-
-
-def _eval_inputs(predictions: Path | None, model: str | None, images: Path | None) -> None:
-    if (predictions is None) == (model is None):
-        raise UsageError("give --predictions FILE to score a file, or --model NAME to run a model (one of them)")
-    if model is not None and images is None:
-        raise UsageError("--images: required with --model (the folder holding the benchmark's images)")
-
-
-def _eval_options(options: Any, num_beams: int | None, max_new: int | None, min_new: int | None) -> Any:
-    """The paper's decoding settings, with the flags the user gave on top."""
-    import dataclasses
-
-    given = {"num_beams": num_beams, "max_new_tokens": max_new, "min_new_tokens": min_new}
-    return dataclasses.replace(options, **{k: v for k, v in given.items() if v is not None})
-
-
-def _eval_report(record: dict[str, Any], json_out: bool, out: Path | None, predictions: Any = None) -> None:
-    """Warnings on stderr; `scores.json` (+ `predictions.json`) in --out; one JSON line or tables."""
-    from blip2cli.eval import write_outputs
+def _eval_report(record: dict[str, Any], json_out: bool) -> None:
+    """Warnings on stderr; one JSON line or tables."""
     from blip2cli.render import emit, table, warn
 
     for message in record.get("warnings", []):
         warn(message)
-    if out is not None:
-        write_outputs(out, record, predictions)
     if json_out:
         emit(record)
         return
@@ -681,7 +615,7 @@ def eval_caption(
     images: EvalImagesOpt = None,
     prompt: Annotated[
         str, typer.Option("--prompt", help="Caption prompt (the paper's COCO fine-tune prompt).")
-    ] = "a photo of",
+    ] = CAPTION_PROMPT,
     num_beams: BeamsOpt = None,
     max_new_tokens: MaxNewOpt = None,
     min_new_tokens: MinNewOpt = None,
@@ -695,35 +629,15 @@ def eval_caption(
 
     Scores are fractions (CIDEr 1.458 = 145.8). NoCaps also gets CIDEr and SPICE per domain.
     """
-    from blip2cli.eval import caption as cap
-    from blip2cli.eval import datasets as ds
-    from blip2cli.eval import resume_log
-    from blip2cli.model import presets
+    from blip2cli.eval.caption import eval_caption as job
 
-    _eval_inputs(predictions, model, images)
-    chosen = [m.strip() for m in metrics.split(",") if m.strip()]
-    data = ds.read_caption_annotations(annotations)
-    warnings = []
-    if dataset == "nocaps" and not data.domains:
-        warnings.append(f"{annotations}: images carry no `domain`, so there is no in/near/out-domain breakdown")
-    if predictions is not None:
-        preds = ds.read_caption_predictions(predictions)
-        ds.check_same_ids(set(preds), set(data.refs), predictions, annotations, "image")
-    else:
-        paths = ds.resolve_images(images, [data.files[i] for i in data.refs])
-        net, pixels = _eval_model(model, device, dtype)
-        options = _eval_options(presets.caption_options(net, prompt), num_beams, max_new_tokens, min_new_tokens)
-        log = resume_log(out, {"task": "caption", "model": model, "annotations": str(annotations), "prompt": prompt,
-                               "options": vars(options)})  # fmt: skip
-        preds = cap.generate_captions(net, dict(zip(data.refs, paths)), pixels, prompt, options, batch_size, log)
-    scores = cap.score_captions(data.refs, preds, chosen, data.domains or None)
-    record: dict[str, Any] = {"task": "caption", "n": scores.n, "metrics": scores.metrics}
-    if scores.domains:
-        record["domains"] = scores.domains
-    if warnings + scores.warnings:
-        record["warnings"] = warnings + scores.warnings
-    rows = [{"image_id": i, "caption": preds[i]} for i in data.refs] if predictions is None else None
-    _eval_report(record, json_out, out, rows)
+    record = job(
+        annotations=annotations, predictions=predictions, model=model, images=images, dataset=dataset,
+        metrics=[m.strip() for m in metrics.split(",") if m.strip()], prompt=prompt,
+        decoding=Decoding(num_beams, max_new_tokens, min_new_tokens).check(), device=device, dtype=dtype,
+        batch_size=batch_size, out=out,
+    )
+    _eval_report(record, json_out)
 
 
 @command(eval_app, "vqa")
@@ -749,9 +663,7 @@ def eval_vqa(
     ] = False,
     model: EvalModelOpt = None,
     images: EvalImagesOpt = None,
-    template: Annotated[str, typer.Option("--template", help="Prompt template; {} is the question.")] = (
-        "Question: {} Short answer:"
-    ),
+    template: Annotated[str, typer.Option("--template", help="Prompt template; {} is the question.")] = VQA_TEMPLATE,
     num_beams: BeamsOpt = None,
     max_new_tokens: MaxNewOpt = None,
     min_new_tokens: MinNewOpt = None,
@@ -762,57 +674,15 @@ def eval_vqa(
     json_out: JsonOpt = False,
 ) -> None:
     """VQAv2 / OK-VQA accuracy (official VQA rules, 0-100) and GQA exact-match accuracy."""
-    from blip2cli.eval import datasets as ds
-    from blip2cli.eval import resume_log, vqa
-    from blip2cli.model import presets
+    from blip2cli.eval.vqa import eval_vqa as job
 
-    _eval_inputs(predictions, model, images)
-    if dataset == "gqa":
-        if (questions or annotations) is None:
-            raise UsageError("--questions: required for GQA (testdev_balanced_questions.json)")
-        items = ds.read_gqa(questions or annotations)
-    else:
-        items = ds.read_vqa(annotations, questions)
-    warnings = []
-    lemma = dataset == "okvqa" and (lemmatize or predictions is None)
-    if lemma and not vqa.lemmatizer_available():
-        lemma = False
-        warnings.append("OK-VQA answers scored unlemmatised (LAVIS lemmatises them with spaCy): "
-                        "pip install 'blip2cli[okvqa]' for the lemminflect approximation")  # fmt: skip
-    if predictions is not None:
-        preds = ds.read_vqa_predictions(predictions, dataset)
-        ds.check_same_ids(set(preds), {q.question_id for q in items}, predictions, annotations or questions, "question")
-        if lemma:
-            preds = {qid: vqa.lemmatize(a) for qid, a in preds.items()}
-    else:
-        if dataset != "gqa" and questions is None:
-            raise UsageError("--questions: required with --model (the question file that goes with --annotations)")
-        from blip2cli.data.transforms import clean_question
-
-        paths = ds.resolve_images(images, [q.images for q in items])
-        net, pixels = _eval_model(model, device, dtype)
-        options = _eval_options(presets.vqa_options(net), num_beams, max_new_tokens, min_new_tokens)
-        log = resume_log(out, {"task": f"vqa-{dataset}", "model": model, "questions": str(questions or annotations),
-                               "template": template, "lemmatize": lemma, "options": vars(options)})  # fmt: skip
-        jobs = [(q.question_id, p, template.format(clean_question(q.question))) for q, p in zip(items, paths)]
-        preds = vqa.answer_questions(net, jobs, pixels, options, batch_size, log, lemmatize_answers=lemma)
-    if dataset == "gqa":
-        scores = vqa.score_gqa({q.question_id: q.answers[0] for q in items}, preds)
-    else:
-        scores = vqa.score_vqa(
-            {q.question_id: q.answers for q in items}, preds,
-            {q.question_id: q.answer_type for q in items}, {q.question_id: q.question_type for q in items}, normalize,
-        )  # fmt: skip
-    record: dict[str, Any] = {"task": "vqa", "n": scores.n, "metrics": scores.metrics()}
-    if scores.question_types:
-        record["question_types"] = scores.question_types
-    if warnings:
-        record["warnings"] = warnings
-    rows = None
-    if predictions is None:
-        id_key, answer_key = ("questionId", "prediction") if dataset == "gqa" else ("question_id", "answer")
-        rows = [{id_key: q.question_id, answer_key: preds[q.question_id]} for q in items]
-    _eval_report(record, json_out, out, rows)
+    record = job(
+        annotations=annotations, questions=questions, predictions=predictions, model=model, images=images,
+        dataset=dataset, normalize=normalize, lemmatize_predictions=lemmatize, template=template,
+        decoding=Decoding(num_beams, max_new_tokens, min_new_tokens).check(), device=device, dtype=dtype,
+        batch_size=batch_size, out=out,
+    )
+    _eval_report(record, json_out)
 
 
 @command(eval_app, "retrieval")
@@ -835,34 +705,15 @@ def eval_retrieval(
     out: EvalOutOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """COCO 5k / Flickr30K 1k image-text retrieval recall (percent): ITC top-k, then ITM + ITC (spec §8)."""
-    from blip2cli.eval import datasets as ds
+    """COCO 5k / Flickr30K 1k image-text retrieval recall (percent): ITC top-k, then ITM + ITC, as LAVIS evaluates
+    it (texts cut at 35 tokens)."""
+    from blip2cli.eval.retrieval import eval_retrieval as job
 
-    _eval_inputs(predictions, model, images)
-    data = ds.read_retrieval_annotations(annotations)
-    rankings = None
-    if predictions is not None:
-        i2t_ranked, t2i_ranked = ds.read_retrieval_predictions(predictions, len(data.images), len(data.texts))
-    else:
-        from blip2cli.data.transforms import clean_caption
-        from blip2cli.eval import resume_log, retrieval
-
-        paths = ds.resolve_images(images, [[p] for p in data.images])
-        net, pixels = _eval_model(model, device, dtype)
-        net.cfg.qformer.max_text_len = 35  # spec §8: retrieval evaluation pads/truncates texts at 35 tokens
-        texts = [clean_caption(t) for t in data.texts]
-        settings = {"task": f"retrieval-{dataset}", "model": model, "annotations": str(annotations), "k_test": k_test}
-        log = resume_log(out, settings, "itm_rows.jsonl")  # a rerun with the same --out resumes the ITM re-ranking
-        i2t, t2i = retrieval.retrieval_scores(net, paths, texts, pixels, batch_size, k_test, log=log)
-        keep = max(k_test, 10)  # beyond k every cell is -100 and ranks by index: the saved lists are lossless
-        i2t_ranked, t2i_ranked = retrieval.top_rankings(i2t, keep), retrieval.top_rankings(t2i, keep)
-        rankings = {"dataset": dataset, "k_test": k_test, "i2t": i2t_ranked, "t2i": t2i_ranked}
-    from blip2cli.eval.retrieval import gt_ranks_from_rankings, recall_metrics
-
-    txt_ranks = gt_ranks_from_rankings(i2t_ranked, data.img2txt)
-    metrics = recall_metrics(txt_ranks, gt_ranks_from_rankings(t2i_ranked, [[i] for i in data.txt2img]))
-    record = {"task": "retrieval", "n_images": len(data.images), "n_texts": len(data.texts), "metrics": metrics}
-    _eval_report(record, json_out, out, rankings)
+    record = job(
+        annotations=annotations, predictions=predictions, model=model, images=images, dataset=dataset,
+        k_test=k_test, max_text_len=35, device=device, dtype=dtype, batch_size=batch_size, out=out,
+    )
+    _eval_report(record, json_out)
 
 
 def main() -> None:

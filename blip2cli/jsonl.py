@@ -3,15 +3,28 @@
 Every record is one line, written and flushed at once, so a run loses at most the line being written when it is
 killed. Reading skips such a cut-off last line and reopening for append removes it; any other line that is not a
 JSON object is an error.
+
+  JsonlLog(path)                          append, one flushed line per record
+  ResumeLog(path, key, settings)          the same, resumable: knows the records already there (by key), refuses
+                                          a log written with other settings, adds nothing a rerun already wrote
+                                          and replaces an error record once its item succeeds
+  run_resumable(items, key, ..., log)     predict in batches, reusing the records a log already holds
+  check_settings(path, settings, what)    the settings file beside a log: written once, then compared
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from blip2cli.errors import UsageError
+from blip2cli.render import progress
+
+T = TypeVar("T")
+Key = Callable[[dict[str, Any]], Hashable | None]
 
 
 def _cut_partial_line(path: Path) -> None:
@@ -77,3 +90,121 @@ class JsonlLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_settings(path: Path, settings: dict[str, Any], what: str) -> None:
+    """Refuse to resume `what` when the settings file `path` records other settings (its records would be mixed
+    in). Reads only: `save_settings` writes the file once the run starts."""
+    if not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        before = None
+    if not isinstance(before, dict):
+        raise UsageError(f"{path}: not a settings file; delete it to start {what} over")
+    changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+    if changed:
+        raise UsageError(f"--out: {what} was written with other settings ({', '.join(changed)}); "
+                         "use another --out or delete it")  # fmt: skip
+
+
+def save_settings(path: Path, settings: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def settings_path(log: Path) -> Path:
+    """Where the settings of a `caption --out` / `ask --out` file live: `captions.jsonl` -> `captions.settings.json`."""
+    return log.with_name(f"{log.stem}.settings.json")
+
+
+class ResumeLog(JsonlLog):
+    """A JSONL log a rerun continues: `done` holds the successful records by `key`, `failed` the error records.
+
+    Creating one only reads (and refuses a log written with other `settings`); `open()`, or the first `write`,
+    creates the file and saves the settings beside it. Writing a record identical to one already there adds
+    nothing; a record for an item that had failed replaces the error record (the file is rewritten atomically),
+    so reruns never grow a log with repeats."""
+
+    def __init__(self, path: Path, key: Key, settings: dict[str, Any] | None = None,
+                 settings_file: Path | None = None) -> None:  # fmt: skip
+        self.settings, self.settings_file = settings, settings_file or settings_path(path)
+        if settings is not None:
+            check_settings(self.settings_file, settings, str(path))
+        self.path, self.key, self.written = path, key, 0
+        self.done: dict[Hashable, dict[str, Any]] = {}
+        self.failed: dict[Hashable, dict[str, Any]] = {}
+        for record in read_jsonl(path):
+            if (k := key(record)) is not None:
+                (self.failed if "error" in record else self.done)[k] = record
+                (self.done if "error" in record else self.failed).pop(k, None)
+        self.fh: Any = None
+
+    def open(self) -> ResumeLog:
+        if self.fh is None:
+            if self.settings is not None and not self.settings_file.is_file():
+                save_settings(self.settings_file, self.settings)
+            super().__init__(self.path)
+        return self
+
+    def pending(self, items: Sequence[T], key: Callable[[T], Hashable]) -> list[T]:
+        """The items without a successful record yet (failed ones are retried)."""
+        return [item for item in items if key(item) not in self.done]
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.open()
+        k = self.key(record)
+        if k is not None and (self.done.get(k) == record or self.failed.get(k) == record):
+            return  # a rerun that changes nothing adds nothing
+        if k is not None and k in self.failed:
+            self._drop(k)
+        if k is not None:
+            (self.failed if "error" in record else self.done)[k] = record
+        super().write(record)
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+    def _drop(self, k: Hashable) -> None:
+        """Rewrite the log without the error record of `k` (temp file + rename: a kill leaves the old or the new)."""
+        self.fh.close()
+        keep = [r for r in read_jsonl(self.path) if not ("error" in r and self.key(r) == k)]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        del self.failed[k]
+        self.fh = self.path.open("a", encoding="utf-8")
+
+
+def run_resumable(
+    items: Sequence[T],
+    key: Callable[[T], Hashable],
+    key_field: str,
+    predict: Callable[[list[T]], list[dict[str, Any]]],
+    batch_size: int,
+    log: Path | None,
+    description: str,
+) -> dict[Hashable, dict[str, Any]]:
+    """Predict in batches, appending each record to `log` (JSONL) as it comes; records already there are reused."""
+    writer = ResumeLog(log, lambda r: r.get(key_field)) if log else None
+    done: dict[Hashable, dict[str, Any]] = dict(writer.done) if writer else {}
+    todo = [item for item in items if key(item) not in done]
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    try:
+        for batch in progress(batches, len(batches), description):
+            for record in predict(batch):
+                done[record[key_field]] = record
+                if writer:
+                    writer.write(record)
+    finally:
+        if writer:
+            writer.close()
+    return done

@@ -182,7 +182,9 @@ def test_out_after_a_kill_mid_line_and_failures_are_retried(tiny_opt_dir: Path, 
     assert result.exit_code == 0
     assert [Path(r["image"]).name for r in json_lines(result.stdout)] == ["p1.png", "p2.png"]
     lines = out.read_text().splitlines()  # the cut-off line is dropped, never glued to the next record
-    assert [Path(json.loads(x)["image"]).name for x in lines] == ["p0.png", "p1.png", "p1.png", "p2.png"]
+    # p1's error record is replaced by its caption (issue #10: a failure that now succeeds replaces its record)
+    assert [Path(json.loads(x)["image"]).name for x in lines] == ["p0.png", "p1.png", "p2.png"]
+    assert not any("error" in json.loads(x) for x in lines)
 
 
 def test_ctrl_c_keeps_what_was_written(tiny_opt_dir: Path, photos: Path, tmp_path: Path, monkeypatch) -> None:

@@ -123,8 +123,11 @@ class FakeBlip2:
         self.cfg = ModelConfig()
         self.cfg.vision.image_size = 16
         self.device = torch.device("cpu")
-        self.llm = None
+        self.llm = None  # captions like a stage-1 model (a Q-Former text head) and has ITC/ITM heads
+        self.tokenizer = self.vision_proj = self.text_proj = self.itm_head = object()
+        self.qformer = type("QFormer", (), {"cls": object()})()
         self.prompts = []
+        self.text_lengths = []
 
     def _channel(self, pixels):
         return pixels.mean(dim=(2, 3)).argmax(dim=1)  # (B,)
@@ -143,12 +146,14 @@ class FakeBlip2:
         onehot = torch.nn.functional.one_hot(embeds[:, 0, 0].long(), 256).float()
         return onehot[:, None, :].expand(-1, 32, -1)  # (B, 32, 256)
 
-    def text_features(self, texts):
+    def text_features(self, texts, max_len=None):
+        self.text_lengths.append(max_len)
         return torch.nn.functional.one_hot(
             torch.tensor([list(COLOURS).index(t.split()[1]) for t in texts]), 256
         ).float()
 
-    def itm_logits(self, embeds, texts):
+    def itm_logits(self, embeds, texts, max_len=None):
+        self.text_lengths.append(max_len)
         match = torch.tensor([float(list(COLOURS)[int(e[0, 0])] in t) for e, t in zip(embeds, texts)])
         return torch.stack([-match, match], dim=1)
 
@@ -200,6 +205,7 @@ def test_eval_caption_missing_image(fake_model, tmp_path):
 
 
 def test_eval_vqa_runs_a_model(fake_model, tmp_path):
+    fake_model.llm = type("LLM", (), {"is_encoder_decoder": False})()  # answering needs a language model
     anns = {"data_subtype": "val2014", "annotations": [
         {"question_id": q, "image_id": 1, "answers": [{"answer": "2"}] * 10, "answer_type": "number",
          "question_type": "how many"} for q in (7, 8)]}  # fmt: skip
@@ -239,7 +245,8 @@ def test_eval_retrieval_runs_a_model(fake_model, tmp_path):
             str(tmp_path), "--k-test", "2", "--out", str(out), "--json"]  # fmt: skip
     record = one_json_line(runner.invoke(app, args))
     assert record["metrics"]["txt_r1"] == 100.0 and record["metrics"]["img_r1"] == 100.0
-    assert fake_model.cfg.qformer.max_text_len == 35
+    assert set(fake_model.text_lengths) == {35}  # LAVIS's retrieval length, passed in
+    assert fake_model.cfg.qformer.max_text_len == 32  # the loaded model is not changed
     saved = json.loads((out / "predictions.json").read_text())
     assert saved["i2t"][0][:2] == [0, 1] and len(saved["i2t"][0]) == 6  # max(k, 10) capped by the 6 texts
     rescored = runner.invoke(app, ["eval", "retrieval", "--annotations", str(tmp_path / "test.json"),

@@ -1,6 +1,6 @@
 import json
 
-from blip2cli.eval import run_resumable
+from blip2cli.jsonl import run_resumable
 
 
 def test_a_line_cut_by_a_kill_is_ended_before_appending(tmp_path):

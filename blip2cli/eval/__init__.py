@@ -2,62 +2,63 @@
 
 `caption` (pycocoevalcap scorers built explicitly), `vqa` (official VQAv2 rules, LAVIS mode, OK-VQA, GQA),
 `retrieval` (LAVIS two-stage ITC -> ITM protocol and recall@k), `datasets` (official file readers). This module
-holds what a model run shares: resumable per-item predictions and the files written to `--out`.
+holds what a model run shares: the settings a resumable `--out` run keeps and the files written there.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from blip2cli.errors import UsageError
-from blip2cli.jsonl import JsonlLog, read_jsonl
+from blip2cli.errors import InputError, UsageError
+from blip2cli.jsonl import check_settings, save_settings
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from blip2cli.model.blip2 import Blip2
+    from blip2cli.model.capabilities import Need
+
+PixelsFn = Callable[[Sequence[Path]], "Tensor"]
 
 
-def run_resumable(
-    items: Sequence[T],
-    key: Callable[[T], Hashable],
-    key_field: str,
-    predict: Callable[[list[T]], list[dict[str, Any]]],
-    batch_size: int,
-    log: Path | None,
-    description: str,
-) -> dict[Hashable, dict[str, Any]]:
-    """Predict in batches, appending each record to `log` (JSONL) as it comes; records already there are reused."""
-    from blip2cli.render import progress
+def load_model(name: str, device: str, dtype: str, need: Need, job: str) -> tuple[Blip2, PixelsFn]:
+    """Load `--model` for a benchmark (refused at once if it cannot do `need`) and a pixel loader at its
+    resolution; an unusable image stops the run, since a benchmark needs every image."""
+    from blip2cli.data.images import load_image
+    from blip2cli.data.prefetch import prefetch
+    from blip2cli.data.transforms import eval_pixels
+    from blip2cli.model import load
+    from blip2cli.model.capabilities import require
 
-    done = {record[key_field]: record for record in read_jsonl(log)} if log else {}
-    todo = [item for item in items if key(item) not in done]
-    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    writer = JsonlLog(log) if log else None
-    try:
-        for batch in progress(batches, len(batches), description):
-            for record in predict(batch):
-                done[record[key_field]] = record
-                if writer:
-                    writer.write(record)
-    finally:
-        if writer:
-            writer.close()
-    return done
+    model = load.load_model(name, device, dtype)
+    require(model, need, job, name)
+    cfg = model.cfg
+
+    def pixels(paths: Sequence[Path]) -> Tensor:
+        try:  # eight threads: decoding JPEGs would otherwise starve the GPU
+            images = next(prefetch([list(paths)], load_image, threads=8, ahead=1))
+        except InputError as exc:
+            raise UsageError(f"{exc} (a benchmark needs every image)") from None
+        return eval_pixels(images, cfg.vision.image_size, cfg.image_mean, cfg.image_std)
+
+    return model, pixels
+
+
+def check_inputs(predictions: Path | None, model: str | None, images: Path | None) -> None:
+    """Score a file or run a model (one of them); a model run needs the image root."""
+    if (predictions is None) == (model is None):
+        raise UsageError("give --predictions FILE to score a file, or --model NAME to run a model (one of them)")
+    if model is not None and images is None:
+        raise UsageError("--images: required with --model (the folder holding the benchmark's images)")
 
 
 def check_run(out: Path, settings: dict[str, Any]) -> None:
     """Refuse to resume a run in `out` that was started with other settings (its predictions would be mixed in)."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "run.json"
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-        if changed:
-            raise UsageError(
-                f"--out: {out} holds a run with other settings ({', '.join(changed)}); use another folder or delete it"
-            )
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    check_settings(out / "run.json", settings, str(out))
+    save_settings(out / "run.json", settings)
 
 
 def resume_log(out: Path | None, settings: dict[str, Any], name: str = "predictions.jsonl") -> Path | None:

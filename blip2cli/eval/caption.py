@@ -19,9 +19,13 @@ import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
+from blip2cli.decoding import CAPTION_PROMPT, Decoding, caption_defaults
 from blip2cli.errors import UsageError
+from blip2cli.eval import check_inputs, load_model, resume_log, write_outputs
+from blip2cli.eval import datasets as ds
+from blip2cli.jsonl import run_resumable
 
 K = TypeVar("K")
 
@@ -247,8 +251,6 @@ def generate_captions(
     """One caption per image with `model.generate` (blip2cli.config.GenerationOptions); resumable through `log`."""
     import torch
 
-    from blip2cli.eval import run_resumable
-
     def predict(batch: list[tuple[int, Path]]) -> list[dict[str, Any]]:
         pixels = pixels_fn([path for _, path in batch]).to(model.device)
         with torch.inference_mode():
@@ -257,3 +259,47 @@ def generate_captions(
 
     done = run_resumable(list(images.items()), lambda item: item[0], "image_id", predict, batch_size, log, "captioning")
     return {image_id: done[image_id]["caption"] for image_id in images}
+
+
+def eval_caption(
+    *,
+    annotations: Path,
+    predictions: Path | None = None,
+    model: str | None = None,
+    images: Path | None = None,
+    dataset: Literal["coco", "nocaps"] = "coco",
+    metrics: Sequence[str] = METRICS,
+    prompt: str = CAPTION_PROMPT,
+    decoding: Decoding = Decoding(),
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 16,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """Score `predictions`, or caption the benchmark's `images` with `model` (the paper's decoding with
+    `decoding` on top; resumable in `out`); writes `out`/scores.json and predictions.json; returns the record."""
+    check_inputs(predictions, model, images)
+    data = ds.read_caption_annotations(annotations)
+    warnings = []
+    if dataset == "nocaps" and not data.domains:
+        warnings.append(f"{annotations}: images carry no `domain`, so there is no in/near/out-domain breakdown")
+    if predictions is not None:
+        preds = ds.read_caption_predictions(predictions)
+        ds.check_same_ids(set(preds), set(data.refs), predictions, annotations, "image")
+    else:
+        paths = ds.resolve_images(images, [data.files[i] for i in data.refs])
+        net, pixels = load_model(model, device, dtype, "caption", "eval caption")
+        options = decoding.apply(caption_defaults(net, prompt))
+        log = resume_log(out, {"task": "caption", "model": model, "annotations": str(annotations), "prompt": prompt,
+                               "options": vars(options)})  # fmt: skip
+        preds = generate_captions(net, dict(zip(data.refs, paths)), pixels, prompt, options, batch_size, log)
+    scores = score_captions(data.refs, preds, metrics, data.domains or None)
+    record: dict[str, Any] = {"task": "caption", "n": scores.n, "metrics": scores.metrics}
+    if scores.domains:
+        record["domains"] = scores.domains
+    if warnings + scores.warnings:
+        record["warnings"] = warnings + scores.warnings
+    if out is not None:
+        rows = [{"image_id": i, "caption": preds[i]} for i in data.refs] if predictions is None else None
+        write_outputs(out, record, rows)
+    return record

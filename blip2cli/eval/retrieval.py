@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from blip2cli.data.transforms import clean_caption
+from blip2cli.eval import check_inputs, load_model, resume_log, write_outputs
+from blip2cli.eval import datasets as ds
 from blip2cli.jsonl import JsonlLog, read_jsonl
+from blip2cli.render import progress
 
 # (image indices (P,), text indices (P,)) -> ITM positive logit of each aligned pair (P,)
 ItmFn = Callable[[Tensor, Tensor], Tensor]
@@ -49,8 +53,6 @@ def _rerank_rows(
     itc: Tensor, pair_itm: Callable[[int, Tensor], Tensor], k: int, show_progress: bool, description: str,
     log: RowLog | None = None,
 ) -> Tensor:
-    from blip2cli.render import progress
-
     out = torch.full(itc.shape, FILL, dtype=torch.float32, device=itc.device)
     done = log.rows(description) if log is not None else {}
     rows = range(itc.shape[0])
@@ -139,16 +141,16 @@ def retrieval_scores(
     k: int,
     text_batch_size: int = 256,
     log: Path | None = None,
+    max_text_len: int = 35,
 ) -> tuple[Tensor, Tensor]:
-    """Embed every text and image, then the two-stage scores (texts already cleaned by the caller). With `log`,
-    re-ranked rows are kept there and a rerun continues where the last one stopped."""
-    from blip2cli.render import progress
-
+    """Embed every text and image, then the two-stage scores (texts already cleaned by the caller), texts cut at
+    `max_text_len` tokens (LAVIS's retrieval evaluation configs: 35). With `log`, re-ranked rows are kept there and
+    a rerun continues where the last one stopped."""
     device = model.device
     with torch.inference_mode():
         text_chunks = [list(texts[i : i + text_batch_size]) for i in range(0, len(texts), text_batch_size)]
         text_feats = torch.cat(
-            [model.text_features(c).float() for c in progress(text_chunks, len(text_chunks), "texts")]
+            [model.text_features(c, max_len=max_text_len).float() for c in progress(text_chunks, len(text_chunks), "texts")]
         )
         feats, embeds = [], []
         image_chunks = [list(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
@@ -161,7 +163,7 @@ def retrieval_scores(
 
         def itm_fn(image_idx: Tensor, text_idx: Tensor) -> Tensor:
             pair_embeds = vision[image_idx.to(vision.device)].to(device)  # (P, N, Dv)
-            return model.itm_logits(pair_embeds, [texts[t] for t in text_idx.tolist()])[:, 1]
+            return model.itm_logits(pair_embeds, [texts[t] for t in text_idx.tolist()], max_len=max_text_len)[:, 1]
 
         return rerank_scores(itc, itm_fn, k, show_progress=True, log=log)
 
@@ -174,3 +176,43 @@ def _on_device_if_it_fits(embeds: Tensor, device: Any) -> Tensor:
         if embeds.numel() * embeds.element_size() < free // 2:
             return embeds.to(device)
     return embeds
+
+
+def eval_retrieval(
+    *,
+    annotations: Path,
+    predictions: Path | None = None,
+    model: str | None = None,
+    images: Path | None = None,
+    dataset: Literal["coco", "flickr"] = "coco",
+    k_test: int = 128,
+    max_text_len: int = 35,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 16,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """Score saved rankings, or rank the benchmark with `model`: ITC top `k_test`, then ITM + ITC (LAVIS
+    `compute_sim_matrix`), texts cut at `max_text_len` tokens; the ITM re-ranking resumes from `out`/itm_rows.jsonl.
+    Writes `out`/scores.json and predictions.json (the top max(k, 10) of every row); returns the record."""
+    check_inputs(predictions, model, images)
+    data = ds.read_retrieval_annotations(annotations)
+    rankings = None
+    if predictions is not None:
+        i2t_ranked, t2i_ranked = ds.read_retrieval_predictions(predictions, len(data.images), len(data.texts))
+    else:
+        paths = ds.resolve_images(images, [[p] for p in data.images])
+        net, pixels = load_model(model, device, dtype, "retrieval", "eval retrieval")
+        texts = [clean_caption(t) for t in data.texts]
+        settings = {"task": f"retrieval-{dataset}", "model": model, "annotations": str(annotations), "k_test": k_test}
+        log = resume_log(out, settings, "itm_rows.jsonl")  # a rerun with the same --out resumes the ITM re-ranking
+        i2t, t2i = retrieval_scores(net, paths, texts, pixels, batch_size, k_test, log=log, max_text_len=max_text_len)
+        keep = max(k_test, 10)  # beyond k every cell is -100 and ranks by index: the saved lists are lossless
+        i2t_ranked, t2i_ranked = top_rankings(i2t, keep), top_rankings(t2i, keep)
+        rankings = {"dataset": dataset, "k_test": k_test, "i2t": i2t_ranked, "t2i": t2i_ranked}
+    txt_ranks = gt_ranks_from_rankings(i2t_ranked, data.img2txt)
+    metrics = recall_metrics(txt_ranks, gt_ranks_from_rankings(t2i_ranked, [[i] for i in data.txt2img]))
+    record = {"task": "retrieval", "n_images": len(data.images), "n_texts": len(data.texts), "metrics": metrics}
+    if out is not None:
+        write_outputs(out, record, rankings)
+    return record

@@ -23,6 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from blip2cli.data.transforms import clean_question
+from blip2cli.decoding import VQA_TEMPLATE, Decoding, vqa_defaults
+from blip2cli.errors import UsageError
+from blip2cli.eval import check_inputs, load_model, resume_log, write_outputs
+from blip2cli.eval import datasets as ds
+from blip2cli.jsonl import run_resumable
+
 Normalize = Literal["official", "lavis"]
 QuestionId = int | str
 
@@ -217,8 +224,6 @@ def answer_questions(
     """
     import torch
 
-    from blip2cli.eval import run_resumable
-
     def predict(batch: list[tuple[QuestionId, Path, str]]) -> list[dict[str, Any]]:
         unique = list(dict.fromkeys(image for _, image, _ in batch))  # VQAv2 asks ~5 questions per image
         rows = [unique.index(image) for _, image, _ in batch]
@@ -234,3 +239,72 @@ def answer_questions(
 
     done = run_resumable(list(questions), lambda q: q[0], "question_id", predict, batch_size, log, "answering")
     return {qid: done[qid]["answer"] for qid, _, _ in questions}
+
+
+def eval_vqa(
+    *,
+    annotations: Path | None = None,
+    questions: Path | None = None,
+    predictions: Path | None = None,
+    model: str | None = None,
+    images: Path | None = None,
+    dataset: Literal["vqav2", "okvqa", "gqa"] = "vqav2",
+    normalize: Normalize = "official",
+    lemmatize_predictions: bool = False,
+    template: str = VQA_TEMPLATE,
+    decoding: Decoding = Decoding(),
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 16,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """Score `predictions`, or answer the benchmark's questions with `model` (the paper's zero-shot VQA decoding
+    with `decoding` on top; resumable in `out`); writes `out`/scores.json and predictions.json; returns the record.
+    OK-VQA answers are lemmatised for model runs always, for a predictions file with `lemmatize_predictions`."""
+    check_inputs(predictions, model, images)
+    if dataset == "gqa":
+        if (questions or annotations) is None:
+            raise UsageError("--questions: required for GQA (testdev_balanced_questions.json)")
+        items = ds.read_gqa(questions or annotations)
+    else:
+        items = ds.read_vqa(annotations, questions)
+    warnings = []
+    lemma = dataset == "okvqa" and (lemmatize_predictions or predictions is None)
+    if lemma and not lemmatizer_available():
+        lemma = False
+        warnings.append("OK-VQA answers scored unlemmatised (LAVIS lemmatises them with spaCy): "
+                        "pip install 'blip2cli[okvqa]' for the lemminflect approximation")  # fmt: skip
+    if predictions is not None:
+        preds = ds.read_vqa_predictions(predictions, dataset)
+        ds.check_same_ids(set(preds), {q.question_id for q in items}, predictions, annotations or questions, "question")
+        if lemma:
+            preds = {qid: lemmatize(a) for qid, a in preds.items()}
+    else:
+        if dataset != "gqa" and questions is None:
+            raise UsageError("--questions: required with --model (the question file that goes with --annotations)")
+        paths = ds.resolve_images(images, [q.images for q in items])
+        net, pixels = load_model(model, device, dtype, "answer", "eval vqa")
+        options = decoding.apply(vqa_defaults(net))
+        log = resume_log(out, {"task": f"vqa-{dataset}", "model": model, "questions": str(questions or annotations),
+                               "template": template, "lemmatize": lemma, "options": vars(options)})  # fmt: skip
+        jobs = [(q.question_id, p, template.format(clean_question(q.question))) for q, p in zip(items, paths)]
+        preds = answer_questions(net, jobs, pixels, options, batch_size, log, lemmatize_answers=lemma)
+    if dataset == "gqa":
+        scores = score_gqa({q.question_id: q.answers[0] for q in items}, preds)
+    else:
+        scores = score_vqa(
+            {q.question_id: q.answers for q in items}, preds,
+            {q.question_id: q.answer_type for q in items}, {q.question_id: q.question_type for q in items}, normalize,
+        )  # fmt: skip
+    record: dict[str, Any] = {"task": "vqa", "n": scores.n, "metrics": scores.metrics()}
+    if scores.question_types:
+        record["question_types"] = scores.question_types
+    if warnings:
+        record["warnings"] = warnings
+    if out is not None:
+        rows = None
+        if predictions is None:
+            id_key, answer_key = ("questionId", "prediction") if dataset == "gqa" else ("question_id", "answer")
+            rows = [{id_key: q.question_id, answer_key: preds[q.question_id]} for q in items]
+        write_outputs(out, record, rows)
+    return record

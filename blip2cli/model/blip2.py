@@ -87,13 +87,16 @@ class Blip2(nn.Module):
         z, _ = self.query_image(embeds)
         return F.normalize(self._need("vision_proj")(z), dim=-1)
 
-    def tokenize(self, texts: Sequence[str], pad_to_max: bool = False) -> tuple[Tensor, Tensor]:
-        """Q-Former tokens (B, T) and mask. Texts are cleaned by the caller (data.transforms.clean_caption)."""
+    def tokenize(
+        self, texts: Sequence[str], pad_to_max: bool = False, max_len: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Q-Former tokens (B, T) and mask, cut at `max_len` tokens (default: the config's `max_text_len`, 32 as in
+        training; LAVIS evaluates retrieval at 35). Texts are cleaned by the caller (data.transforms.clean_caption)."""
         if self.tokenizer is None:
             raise ValueError("this model has no Q-Former tokenizer: text features need a stage-1/retrieval model")
         enc = self.tokenizer(
             list(texts), padding="max_length" if pad_to_max else "longest", truncation=True,
-            max_length=self.cfg.qformer.max_text_len, return_tensors="pt",
+            max_length=max_len or self.cfg.qformer.max_text_len, return_tensors="pt",
         )
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
 
@@ -101,9 +104,9 @@ class Blip2(nn.Module):
         hidden = self.qformer.encode_text(ids, mask)  # (B, T, H)
         return F.normalize(self._need("text_proj")(hidden[:, 0]), dim=-1)
 
-    def text_features(self, texts: Sequence[str]) -> Tensor:
+    def text_features(self, texts: Sequence[str], max_len: int | None = None) -> Tensor:
         """Normalised ITC text vectors (T, 256) from the [CLS] position."""
-        return self._text_vectors(*self.tokenize(texts))
+        return self._text_vectors(*self.tokenize(texts, max_len=max_len))
 
     def _itm(self, embeds: Tensor | None, ids: Tensor, mask: Tensor, image_kv: list | None = None) -> Tensor:
         """ITM logits (B, 2) of aligned pairs; the images as embeddings, or as projected keys/values."""
@@ -112,9 +115,9 @@ class Blip2(nn.Module):
         hidden = self.qformer.encode_joint(queries, ids, mask, image, image_kv)
         return self._need("itm_head")(hidden[:, : queries.shape[1]]).mean(dim=1)  # (B, 2)
 
-    def itm_logits(self, embeds: Tensor, texts: Sequence[str]) -> Tensor:
+    def itm_logits(self, embeds: Tensor, texts: Sequence[str], max_len: int | None = None) -> Tensor:
         """ITM logits for aligned (image, text) pairs, averaged over queries (spec §4.4). [:, 1] ranks."""
-        return self._itm(embeds, *self.tokenize(texts))
+        return self._itm(embeds, *self.tokenize(texts, max_len=max_len))
 
     def llm_prefix(self, embeds: Tensor) -> Tensor:
         """The soft visual prompt: proj(Z) (B, Q, d_llm)."""

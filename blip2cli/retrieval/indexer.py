@@ -127,9 +127,12 @@ class ModelEncoder:
 
 
 def load_encoder(model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 32) -> ModelEncoder:
+    from blip2cli.model.capabilities import require
     from blip2cli.model.load import load_model
 
-    return ModelEncoder(load_model(model, device, dtype), batch_size)
+    net = load_model(model, device, dtype)
+    require(net, "retrieval", "index and search", model)  # before any image is read or any file written
+    return ModelEncoder(net, batch_size)
 
 
 @dataclass
