@@ -224,3 +224,13 @@ def test_usage_errors_exit_2(args: list[str], message: str, tiny_opt_dir: Path, 
 def test_stage1_model_cannot_answer(tiny_retrieval_model_dir: Path, photo: Path) -> None:
     result = ask(str(photo), "what?", model=tiny_retrieval_model_dir)
     assert result.exit_code == 2 and "no language model" in result.stderr
+
+
+def test_batch_out_refuses_other_settings_and_adds_nothing(tiny_opt_dir: Path, photo: Path, tmp_path: Path) -> None:
+    path, out = _batch(tmp_path, photo), tmp_path / "answers.jsonl"
+    ask("--batch", str(path), "--out", str(out), model=tiny_opt_dir)
+    first = out.read_text()
+    assert ask("--batch", str(path), "--out", str(out), model=tiny_opt_dir).exit_code == 1
+    assert out.read_text() == first  # the same failures are not appended again
+    changed = ask("--batch", str(path), "--out", str(out), "--template", "Q: {} A:", model=tiny_opt_dir)
+    assert changed.exit_code == 2 and "other settings (template)" in changed.stderr

@@ -309,3 +309,28 @@ def test_unknown_model_or_device_exit_2(tiny_opt_dir: Path, photos: Path, tmp_pa
     assert result.exit_code == 2 and "no such model" in result.stderr
     result = runner.invoke(app, ["caption", str(photos), "--model", str(tiny_opt_dir), "--device", "tpu9"])
     assert result.exit_code == 2 and "--device" in result.stderr and "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resumable logs that tell the truth (issue #10)
+
+
+def test_out_refuses_other_settings(tiny_opt_dir: Path, photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "caps.jsonl"
+    assert caption(str(photos), "--out", str(out), model=tiny_opt_dir).exit_code == 0
+    for changed in (["--prompt", "a photo of"], ["--num-beams", "2"], ["--max-new-tokens", "4"]):
+        result = caption(str(photos), "--out", str(out), *changed, model=tiny_opt_dir)
+        assert result.exit_code == 2 and "other settings" in result.stderr, result.output
+    assert len(out.read_text().splitlines()) == 3
+
+
+def test_reruns_over_broken_files_add_nothing(tiny_opt_dir: Path, photos: Path, tmp_path: Path) -> None:
+    for n in range(3):
+        (photos / f"broken{n}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "caps.jsonl"
+    assert caption(str(photos), "--out", str(out), model=tiny_opt_dir).exit_code == 1
+    first = out.read_text()
+    assert len(first.splitlines()) == 6
+    again = caption(str(photos), "--out", str(out), "--json", model=tiny_opt_dir)
+    assert again.exit_code == 1 and len(json_lines(again.stdout)) == 3  # the failures are reported again
+    assert out.read_text() == first  # ... but not written again
