@@ -519,15 +519,14 @@ def _train(recipe: Path, sets: list[str], out: Path | None, resume: str | None, 
     """Shared body of pretrain and finetune: load and check the recipe, train, report."""
     from blip2cli.config import load_recipe
     from blip2cli.render import emit
+    from blip2cli.train import loop
 
-    loaded = load_recipe(recipe, [*sets, f"stage={stage}"] if stage else sets)
+    loaded = load_recipe(recipe, sets, stage=stage)
     if stage is None and loaded.task == "pretrain":
         raise UsageError(f"{recipe}: a pretraining recipe (task: pretrain): run it with `blip2 pretrain --stage "
                          f"{loaded.stage}`")
     out = out or Path("runs") / recipe.stem
-    from blip2cli.train.loop import run
-
-    step, main = run(loaded, out, resume, max_steps, emit if json_out else None)
+    step, main = loop.run(loaded, out=out, resume=resume, stop_after=max_steps, on_log=emit if json_out else None)
     if json_out and main:
         emit({"out": str(out), "step": step})
 

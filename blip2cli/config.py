@@ -526,8 +526,11 @@ def apply_override(raw: dict, parts: list[str | int], value: Any) -> None:
             node = node[part]
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool = True) -> Recipe:
-    """Read a recipe, apply `--set` overrides to the raw mapping, then validate it into a `Recipe`."""
+def load_recipe(
+    path: str | Path, overrides: list[str] = (), check_files: bool = True, stage: int | None = None
+) -> Recipe:
+    """Read a recipe, apply `--set` overrides (and `stage`, `pretrain --stage`) to the raw mapping, then validate
+    it into a `Recipe`."""
     import yaml
 
     path = Path(path)
@@ -545,6 +548,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
         raise UsageError(f"{path}: a recipe is a mapping of sections (task, model, data, train)")
     for text in overrides:
         apply_override(raw, *parse_override(text))
+    if stage is not None:
+        raw["stage"] = stage
     recipe = from_dict(Recipe, raw)
     if check_files:
         recipe.check_files()

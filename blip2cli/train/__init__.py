@@ -1,6 +1,6 @@
 """Training: `blip2 pretrain` and `blip2 finetune` over a recipe (config.Recipe).
 
-    loop.py           run(recipe, out, resume, stop_at, on_log): setup -> fit; the Objective per task
+    loop.py           run(recipe, out, resume, stop_after, on_log): setup -> fit; the Objective per task
     data.py           the recipe's data entries -> batches in a resumable order, per task's texts
     optim.py          AdamW parameter groups and learning-rate schedules
     checkpoint.py     step folders (loadable run dirs), resume, model.init

@@ -76,10 +76,11 @@ class Objective(nn.Module):
 # Setup
 
 
-def run(recipe: Recipe, out: Path, resume: str | None = None, stop_at: int | None = None,
+def run(recipe: Recipe, out: Path, resume: str | None = None, stop_after: int | None = None,
         on_log: LogFn | None = None) -> tuple[int, bool]:
     """Train `recipe` into `out`; returns (last step, whether this is the main process). `resume`: None,
-    "auto" or a step folder. `stop_at`: stop after this optimizer step (the schedule still spans max_steps)."""
+    "auto" or a step folder. `stop_after` (`--max-steps`): stop after this optimizer step; the LR schedule still
+    spans `train.max_steps`, so a resumed run continues it exactly."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import GradientAccumulationPlugin, set_seed
 
@@ -91,7 +92,7 @@ def run(recipe: Recipe, out: Path, resume: str | None = None, stop_at: int | Non
     if rest or not accumulation:
         raise UsageError(f"train.global_batch_size: {t.global_batch_size} is not a multiple of micro_batch_size "
                          f"x processes = {t.micro_batch_size} x {world}")
-    stop = t.max_steps if stop_at is None else stop_at
+    stop = t.max_steps if stop_after is None else stop_after
     if not 0 < stop <= t.max_steps:
         raise UsageError(f"--max-steps: expected 1..{t.max_steps} (train.max_steps; raise it with "
                          f"--set train.max_steps=N to lengthen the schedule), got {stop}")
