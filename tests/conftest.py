@@ -41,3 +41,26 @@ def coco_mini() -> Path:
     if not COCO_MINI.is_dir():
         pytest.skip(f"coco-mini photos not found at {COCO_MINI}")
     return COCO_MINI
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training tests (tests/training.py holds the builders and helpers)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict:
+    """A Q-Former tokenizer, a tiny OPT, and a 12-image caption set (COCO format), built once."""
+    from tests import training
+
+    return training.build_assets(tmp_path_factory.mktemp("train-assets"), COCO_MINI)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two threads on two shared cores spin against other jobs; one thread is faster and steadier here."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

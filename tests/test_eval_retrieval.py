@@ -9,7 +9,7 @@ from blip2cli.eval import datasets as ds
 from blip2cli.eval.retrieval import (
     gt_ranks,
     gt_ranks_from_rankings,
-    itc_scores,
+    itc_matrix,
     recall_at_k,
     recall_metrics,
     rerank_scores,
@@ -64,7 +64,7 @@ def test_itc_is_max_over_queries():
     image = torch.nn.functional.normalize(torch.randn(3, 32, 8), dim=-1)
     text = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
     expected = torch.stack([torch.stack([(image[i] @ text[t]).max() for t in range(5)]) for i in range(3)])
-    assert torch.allclose(itc_scores(image, text, chunk=2), expected)
+    assert torch.allclose(itc_matrix(image, text, chunk=2), expected)
 
 
 def test_rerank_scores_hand_case():

@@ -20,6 +20,7 @@ from blip2cli.data.transforms import clean_caption
 from blip2cli.eval import check_inputs, load_model, resume_log, write_outputs
 from blip2cli.eval import datasets as ds
 from blip2cli.jsonl import JsonlLog, read_jsonl
+from blip2cli.model.losses import itc_similarity
 from blip2cli.render import progress
 
 # (image indices (P,), text indices (P,)) -> ITM positive logit of each aligned pair (P,)
@@ -27,12 +28,11 @@ ItmFn = Callable[[Tensor, Tensor], Tensor]
 FILL = -100.0  # LAVIS's score outside the top k; never ranks above a re-ranked cell
 
 
-def itc_scores(image_feats: Tensor, text_feats: Tensor, chunk: int = 256) -> Tensor:
-    """(I, Q, D) image queries x (T, D) texts -> (I, T) max-over-queries cosine (both sides L2-normalised)."""
-    rows = []
-    for start in range(0, len(image_feats), chunk):
-        sims = torch.einsum("iqd,td->iqt", image_feats[start : start + chunk].float(), text_feats.float())  # (C, Q, T)
-        rows.append(sims.amax(dim=1))  # (C, T)
+def itc_matrix(image_feats: Tensor, text_feats: Tensor, chunk: int = 256) -> Tensor:
+    """(I, Q, D) image queries x (T, D) texts -> (I, T) max-over-queries cosine (`itc_similarity`), in chunks of
+    images so the (C, T, Q) intermediate stays small."""
+    rows = [itc_similarity(image_feats[i : i + chunk].float(), text_feats.float())
+            for i in range(0, len(image_feats), chunk)]  # fmt: skip
     return torch.cat(rows)
 
 
@@ -158,7 +158,7 @@ def retrieval_scores(
             e = model.vision_embeds(pixels_fn(chunk).to(device))  # (B, N, Dv)
             feats.append(model.image_features(e).float())  # (B, Q, 256)
             embeds.append(e.cpu())  # LAVIS keeps E on the CPU too: 677 x 1408 per image at 364 px
-        itc = itc_scores(torch.cat(feats), text_feats.to(feats[0].device))  # (I, T)
+        itc = itc_matrix(torch.cat(feats), text_feats.to(feats[0].device))  # (I, T)
         vision = _on_device_if_it_fits(torch.cat(embeds), device)
 
         def itm_fn(image_idx: Tensor, text_idx: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from blip2cli.config import GenerationOptions, ModelConfig
 from blip2cli.model import losses
 from blip2cli.model.llm import FrozenLLM
 from blip2cli.model.qformer import QFormer, QueryCache
+from blip2cli.model.qformer_generate import qformer_generate
 from blip2cli.model.vision import VisionEncoder
 
 
@@ -131,8 +132,6 @@ class Blip2(nn.Module):
         """Texts per image (options.num_return_sequences each). Without an LLM, the Q-Former captions."""
         embeds = self.vision_embeds(pixels)
         if self.llm is None:
-            from blip2cli.model.qformer_generate import qformer_generate
-
             return qformer_generate(self, embeds, options)
         return self.llm.generate(self.llm_prefix(embeds), prompts, options)
 

@@ -44,7 +44,7 @@ def supported(lm, o: GenerationOptions) -> bool:
 # One forward step of the LM, for decoder-only and encoder-decoder models
 
 
-class _Runner:
+class Runner:
     """Holds the KV cache and masks of the rows being decoded; `logits` are the next-token logits (rows, V)."""
 
     prompt_len: int  # tokens of the decoder's own prompt in the output (T5: the start token)
@@ -64,7 +64,7 @@ def _accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
-class _DecoderOnly(_Runner):
+class _DecoderOnly(Runner):
     def __init__(self, lm, embeds: Tensor, mask: Tensor) -> None:
         from transformers import DynamicCache
 
@@ -97,7 +97,7 @@ class _DecoderOnly(_Runner):
         self._run(dict(input_ids=tokens[:, None]), self.pos)
 
 
-class _EncoderDecoder(_Runner):
+class _EncoderDecoder(Runner):
     def __init__(self, lm, embeds: Tensor, mask: Tensor) -> None:
         from transformers import DynamicCache, EncoderDecoderCache
 
@@ -126,7 +126,7 @@ class _EncoderDecoder(_Runner):
         self.logits = out.logits[:, -1].float()
 
 
-def runner(lm, embeds: Tensor, mask: Tensor) -> _Runner:
+def runner(lm, embeds: Tensor, mask: Tensor) -> Runner:
     return (_EncoderDecoder if lm.config.is_encoder_decoder else _DecoderOnly)(lm, embeds, mask)
 
 
@@ -134,7 +134,7 @@ def runner(lm, embeds: Tensor, mask: Tensor) -> _Runner:
 # Scores
 
 
-def _penalise(scores: Tensor, history: Tensor, penalty: float) -> Tensor:
+def penalise(scores: Tensor, history: Tensor, penalty: float) -> Tensor:
     """transformers' repetition penalty: seen tokens' scores divided (positive) or multiplied (negative)."""
     if penalty == 1.0 or history.shape[1] == 0:
         return scores
@@ -142,7 +142,7 @@ def _penalise(scores: Tensor, history: Tensor, penalty: float) -> Tensor:
     return scores.scatter(1, history, torch.where(seen < 0, seen * penalty, seen / penalty))
 
 
-def _block_eos(scores: Tensor, eos: Tensor, step: int, min_new: int) -> Tensor:
+def block_eos(scores: Tensor, eos: Tensor, step: int, min_new: int) -> Tensor:
     if step < min_new:
         scores = scores.clone()
         scores[:, eos] = float("-inf")
@@ -154,7 +154,7 @@ def _block_eos(scores: Tensor, eos: Tensor, step: int, min_new: int) -> Tensor:
 
 
 @torch.inference_mode()
-def greedy(run: _Runner, o: GenerationOptions, eos: Tensor, fill: int) -> Tensor:
+def greedy(run: Runner, o: GenerationOptions, eos: Tensor, fill: int) -> Tensor:
     """Argmax decoding; a row stops at EOS (later positions get `fill`), finished rows leave the batch."""
     rows = run.logits.shape[0]
     device = run.logits.device
@@ -165,7 +165,7 @@ def greedy(run: _Runner, o: GenerationOptions, eos: Tensor, fill: int) -> Tensor
         history = torch.full((rows, 1), run.start, dtype=torch.long, device=device)
     length = 0
     for step in range(o.max_new_tokens):
-        scores = _block_eos(_penalise(run.logits, history, o.repetition_penalty), eos, step, o.min_new_tokens)
+        scores = block_eos(penalise(run.logits, history, o.repetition_penalty), eos, step, o.min_new_tokens)
         tokens = scores.argmax(-1)
         out[active, step] = tokens
         history = torch.cat((history, tokens[:, None]), dim=1)
@@ -181,7 +181,7 @@ def greedy(run: _Runner, o: GenerationOptions, eos: Tensor, fill: int) -> Tensor
     return _with_prompt(run, out[:, :length])
 
 
-def _with_prompt(run: _Runner, tokens: Tensor) -> Tensor:
+def _with_prompt(run: Runner, tokens: Tensor) -> Tensor:
     if not run.prompt_len:
         return tokens
     return torch.cat((tokens.new_full((tokens.shape[0], 1), run.start), tokens), dim=1)
@@ -221,7 +221,7 @@ def _gather(x: Tensor, idx: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def beam_search(run: _Runner, o: GenerationOptions, eos: Tensor, fill: int, early_stopping) -> Tensor:
+def beam_search(run: Runner, o: GenerationOptions, eos: Tensor, fill: int, early_stopping) -> Tensor:
     rows = run.logits.shape[0]
     K, T, lp = o.num_beams, o.max_new_tokens, o.length_penalty
     R = max(2, 1 + len(eos)) * K  # candidates kept per item
@@ -234,7 +234,7 @@ def beam_search(run: _Runner, o: GenerationOptions, eos: Tensor, fill: int, earl
         if run.prompt_len:
             history = torch.cat((history.new_full((rows * K, 1), run.start), history), dim=1)
         logp = F.log_softmax(run.logits, dim=-1)
-        logp = _block_eos(_penalise(logp, history, o.repetition_penalty), eos, step, o.min_new_tokens)
+        logp = block_eos(penalise(logp, history, o.repetition_penalty), eos, step, o.min_new_tokens)
         V = logp.shape[-1]
         total = (logp.view(rows, K, V) + b.running_scores[:, :, None]).view(rows, K * V)
         top_scores, top_idx = total.topk(R, dim=1)

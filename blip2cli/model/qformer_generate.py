@@ -1,32 +1,52 @@
-"""Captioning with the Q-Former alone (stage-1 models, spec §4.4): [DEC] starts, [SEP] ends, the text attends
-to the cached query keys/values. LAVIS's settings: beams 3, at most 30 tokens, at least 10."""
+"""Captioning with the Q-Former alone (stage-1 models, BLIP-2 paper §3.1 ITG): [DEC] starts, [SEP] ends, the
+text attends to the cached query keys/values. LAVIS's `Blip2Qformer.generate` settings: 3 beams, at most 30
+tokens, at least 10, both counting [DEC].
+
+Greedy and beam search are the LLM's (`model.decode`: transformers' rules, one implementation); the Q-Former is
+one more `Runner` under them. Sampling is done here (the LLM samples through transformers' `generate`)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from blip2cli.config import GenerationOptions
+from blip2cli.model import decode
 from blip2cli.model.qformer import QueryCache
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # Blip2 calls us: a type only, never imported at run time
     from blip2cli.model.blip2 import Blip2
 
 
-def _next_logprobs(model: Blip2, seqs: Tensor, cache: QueryCache, step: int, o: GenerationOptions) -> Tensor:
-    """log p(next token | image, seqs) for every row, with min-length and repetition rules applied."""
-    hidden, _ = model.qformer.decode_text(seqs, torch.ones_like(seqs), cache)
-    logits = model.qformer.lm_logits(hidden[:, -1]).float()  # (R, V)
-    if o.repetition_penalty != 1.0:
-        seen = logits.gather(1, seqs)
-        logits.scatter_(1, seqs, torch.where(seen > 0, seen / o.repetition_penalty, seen * o.repetition_penalty))
-    if step < o.min_new_tokens:
-        logits[:, model.tokenizer.sep_token_id] = float("-inf")
-    if o.do_sample:
-        logits = logits / o.temperature
-    return torch.log_softmax(logits, dim=-1)
+class QFormerRunner(decode.Runner):
+    """Rows of [DEC] + generated tokens over each image's cached query keys/values; the text side has no cache
+    of its own, so each step re-reads the (short) sequence."""
+
+    def __init__(self, model: Blip2, cache: QueryCache) -> None:
+        self.model, self.cache = model, cache
+        self.prompt_len, self.start = 1, model.tokenizer.bos_token_id  # [DEC] is part of the output
+        rows = cache.layers[0][0].shape[0]
+        self.seqs = torch.full((rows, 1), self.start, dtype=torch.long, device=model.device)
+        self._run()
+
+    def _run(self) -> None:
+        hidden, _ = self.model.qformer.decode_text(self.seqs, torch.ones_like(self.seqs), self.cache)
+        self.logits = self.model.qformer.lm_logits(hidden[:, -1]).float()  # (R, V)
+
+    def repeat(self, k: int) -> None:
+        self.cache, self.seqs, self.logits = self.cache.expand(k), self.seqs.repeat_interleave(k, 0), \
+            self.logits.repeat_interleave(k, 0)  # fmt: skip
+
+    def select(self, rows: Tensor) -> None:
+        self.cache = QueryCache([(k[rows], v[rows]) for k, v in self.cache.layers])
+        self.seqs, self.logits = self.seqs[rows], self.logits[rows]
+
+    def step(self, tokens: Tensor) -> None:
+        self.seqs = torch.cat((self.seqs, tokens[:, None]), dim=1)
+        self._run()
 
 
 def _top_p_sample(logprobs: Tensor, top_p: float) -> Tensor:
@@ -38,59 +58,21 @@ def _top_p_sample(logprobs: Tensor, top_p: float) -> Tensor:
     return order.gather(1, choice).squeeze(1)
 
 
-def _sample(model: Blip2, cache: QueryCache, B: int, o: GenerationOptions) -> Tensor:
-    n = o.num_return_sequences
-    cache = cache.expand(n)
-    seqs = torch.full((B * n, 1), model.tokenizer.bos_token_id, device=model.device)
-    done = torch.zeros(B * n, dtype=torch.bool, device=model.device)
-    sep, pad = model.tokenizer.sep_token_id, model.tokenizer.pad_token_id
+def _sample(run: QFormerRunner, o: GenerationOptions, sep: int, pad: int) -> Tensor:
+    """Nucleus sampling, num_return_sequences rows per image; rows are padded after [SEP]."""
+    run.repeat(o.num_return_sequences)
+    done = torch.zeros(run.seqs.shape[0], dtype=torch.bool, device=run.seqs.device)
+    eos = torch.tensor([sep], device=run.seqs.device)
     for step in range(o.max_new_tokens):
-        lp = _next_logprobs(model, seqs, cache, step, o)
-        nxt = _top_p_sample(lp, o.top_p) if o.do_sample else lp.argmax(-1)
+        logits = decode.penalise(run.logits, run.seqs, o.repetition_penalty)
+        logits = decode.block_eos(logits, eos, step, o.min_new_tokens)
+        nxt = _top_p_sample(torch.log_softmax(logits / o.temperature, dim=-1), o.top_p)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        seqs = torch.cat((seqs, nxt[:, None]), dim=1)
         done |= nxt == sep
-        if done.all():
-            break
-    return seqs
-
-
-def _beam(model: Blip2, cache: QueryCache, B: int, o: GenerationOptions) -> list[list[Tensor]]:
-    """Plain beam search; finished hypotheses scored by sum log p / length ** length_penalty."""
-    K, sep = o.num_beams, model.tokenizer.sep_token_id
-    cache = cache.expand(K)
-    seqs = torch.full((B * K, 1), model.tokenizer.bos_token_id, device=model.device)
-    scores = torch.zeros(B, K, device=model.device)
-    scores[:, 1:] = float("-inf")  # all beams start identical: expand from the first only
-    finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(B)]
-    for step in range(o.max_new_tokens):
-        lp = _next_logprobs(model, seqs, cache, step, o)  # (B*K, V)
-        V = lp.shape[-1]
-        cand = (scores[:, :, None] + lp.view(B, K, V)).view(B, K * V)
-        top, idx = cand.topk(2 * K, dim=1)
-        new_seqs, new_scores = [], []
-        for b in range(B):
-            keep = []
-            for s, i in zip(top[b].tolist(), idx[b].tolist()):
-                beam, tok = divmod(i, V)
-                seq = torch.cat((seqs[b * K + beam], seqs.new_tensor([tok])))
-                if tok == sep or step == o.max_new_tokens - 1:
-                    length = seq.shape[0] - 1
-                    finished[b].append((s / max(length, 1) ** o.length_penalty, seq))
-                else:
-                    keep.append((s, seq))
-                if len(keep) == K:
-                    break
-            while len(keep) < K:  # pad with dead beams
-                keep.append((float("-inf"), keep[0][1] if keep else seqs[b * K]))
-            new_seqs += [s for _, s in keep]
-            new_scores.append(torch.tensor([s for s, _ in keep], device=model.device))
-        width = max(s.shape[0] for s in new_seqs)
-        seqs = torch.stack([torch.cat((s, s.new_full((width - s.shape[0],), sep))) for s in new_seqs])
-        scores = torch.stack(new_scores)
-        if all(len(f) >= K and max(x[0] for x in f) >= scores[b].max().item() for b, f in enumerate(finished)):
-            break
-    return [[seq for _, seq in sorted(f, key=lambda x: -x[0])[: o.num_return_sequences]] for f in finished]
+        if done.all() or step + 1 == o.max_new_tokens:
+            return torch.cat((run.seqs, nxt[:, None]), dim=1)
+        run.step(nxt)
+    return run.seqs
 
 
 @torch.no_grad()
@@ -98,17 +80,19 @@ def qformer_generate(model: Blip2, embeds: Tensor, o: GenerationOptions) -> list
     if model.tokenizer is None or model.qformer.cls is None:
         raise ValueError("this model has neither a language model nor a Q-Former text head: it cannot caption")
     if model.fresh_itg_head:
-        import warnings
-
         warnings.warn("this Hugging Face checkpoint has no trained ITG head (the format has no place for it): "
                       "Q-Former captions will be noise; use the LAVIS stage-1 file or a model exported by blip2cli",
-                      stacklevel=2)
+                      stacklevel=2)  # fmt: skip
     _, cache = model.query_image(embeds)
-    B = embeds.shape[0]
-    if o.do_sample or o.num_beams == 1:
-        rows = _sample(model, cache, B, o)
-        groups = [[rows[b * o.num_return_sequences + i] for i in range(o.num_return_sequences)] for b in range(B)]
-    else:
-        groups = _beam(model, cache, B, o)
-    decode = model.tokenizer.decode
-    return [[decode(seq[1:], skip_special_tokens=True).strip() for seq in group] for group in groups]
+    sep, pad = model.tokenizer.sep_token_id, model.tokenizer.pad_token_id
+    run = QFormerRunner(model, cache)
+    with torch.inference_mode():
+        if o.do_sample:
+            rows = _sample(run, o, sep, pad)
+        elif o.num_beams == 1:
+            rows = decode.greedy(run, o, torch.tensor([sep], device=model.device), pad)
+        else:  # LAVIS runs transformers' beam search with early_stopping False
+            rows = decode.beam_search(run, o, torch.tensor([sep], device=model.device), pad, False)
+    n = o.num_return_sequences  # rows per image, in image order
+    texts = model.tokenizer.batch_decode(rows[:, 1:], skip_special_tokens=True)
+    return [[t.strip() for t in texts[b * n : (b + 1) * n]] for b in range(embeds.shape[0])]

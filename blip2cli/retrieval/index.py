@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 
 from blip2cli.errors import UsageError
+from blip2cli.retrieval.scores import exact_search, itc_scores
 from blip2cli.retrieval.store import Store, pool
 
 EXACT_MAX_IMAGES = 4096
@@ -290,8 +291,6 @@ def _first_distinct(rows: np.ndarray, want: int) -> np.ndarray:
 def measure_index(store: Store, loaded: LoadedIndex, n_queries: int = MEASURE_QUERIES) -> dict[str, Any]:
     """Latency (candidates + exact re-score, no ITM) and, up to 65k images, recall@10 against a full exact scan,
     on pseudo-text queries: a random stored query vector plus noise (real captions are not available here)."""
-    from blip2cli.retrieval.rank import exact_search, itc_scores
-
     rng = np.random.default_rng(0)
     live = loaded.rows
     picked = rng.choice(live, size=n_queries, replace=len(live) < n_queries)

@@ -12,9 +12,8 @@ other, and averaging both directions makes it symmetric with sim(A, A) = 1. It i
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from blip2cli.errors import InputError, UsageError
+from blip2cli.retrieval.index import LoadedIndex
+from blip2cli.retrieval.scores import exact_search, image_scores, itc_scores  # noqa: F401  (exact_search: tests)
 from blip2cli.retrieval.store import Store
 
 ItmFn = Callable[[list[str]], np.ndarray]  # image paths -> (B,) positive ITM logits, NaN where a file failed
@@ -78,7 +79,6 @@ def search_index(
     an index folder. `encoder(name)` loads `model`, by default the one the index was built with; another model's
     vectors are refused."""
     from blip2cli.data.images import load_image
-    from blip2cli.retrieval.index import LoadedIndex
 
     with Store.open(index_dir) as store:
         loaded = LoadedIndex.load(index_dir, store)
@@ -99,60 +99,6 @@ def search_index(
             result.hits = dedup(store, result.hits, dedup_threshold)
         result.stale_index = loaded.stale
     return result
-
-
-def _as_tensor(a: np.ndarray) -> Any:
-    import torch
-
-    # torch converts float16 -> float32 about 4x faster than numpy on CPU, the bulk of re-scoring.
-    return torch.from_numpy(np.ascontiguousarray(a)).float()
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Re-scoring a few hundred matrices is ~1 ms of work: on a busy machine torch's thread pool waits for
-    descheduled workers and the same call took 20 ms with 2 threads (load 4, 2 cores), 1 ms with one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def itc_scores(mats: np.ndarray, text: np.ndarray) -> np.ndarray:
-    """Max over queries of the cosine: mats (n, Q, D) and one text vector (D,) -> (n,) float32."""
-    if len(mats) == 0:
-        return np.empty(0, dtype=np.float32)
-    with _one_thread():
-        return (_as_tensor(mats) @ _as_tensor(text)).amax(dim=1).numpy()  # (n, Q) -> (n,)
-
-
-def image_scores(mats: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Symmetric mean-of-max similarity of each image (n, Q, D) to a query image (Q, D) -> (n,) float32."""
-    if len(mats) == 0:
-        return np.empty(0, dtype=np.float32)
-    with _one_thread():
-        sims = _as_tensor(mats) @ _as_tensor(query).T  # (n, Q, Q')
-        return ((sims.amax(dim=2).mean(dim=1) + sims.amax(dim=1).mean(dim=1)) / 2).numpy()
-
-
-def exact_search(store: Store, texts: np.ndarray, k: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Brute force over every live image: texts (T, D) -> (rows, scores), each (T, k), best first.
-
-    The reference that index recall is measured against; streams the store in chunks."""
-    t = _as_tensor(texts.astype(np.float32))  # (T, D)
-    best_rows = np.empty((len(texts), 0), dtype=np.int64)
-    best = np.empty((len(texts), 0), dtype=np.float32)
-    for rows, mats in store.iter_live("query", chunk):
-        scores = (_as_tensor(mats) @ t.T).amax(dim=1).numpy().T  # (n, Q, T) -> (T, n)
-        best = np.concatenate([best, scores], axis=1)
-        best_rows = np.concatenate([best_rows, np.broadcast_to(rows, scores.shape)], axis=1)
-        top = np.argsort(-best, axis=1, kind="stable")[:, :k]
-        best, best_rows = np.take_along_axis(best, top, 1), np.take_along_axis(best_rows, top, 1)
-    return best_rows, best
 
 
 def search_text(
