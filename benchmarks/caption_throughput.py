@@ -61,7 +61,7 @@ def build(out: Path) -> Path:
     )
 
     from blip2cli.config import CLIP_MEAN, CLIP_STD
-    from tests import tiny
+    from blip2cli import tiny
 
     size = {"height": 224, "width": 224}
     images = BlipImageProcessor(size=size, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))

@@ -56,7 +56,7 @@ def build(out: Path) -> Path:
     from common import random_init
     from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerConfig, Blip2VisionConfig
 
-    from tests import tiny
+    from blip2cli import tiny
 
     out.mkdir(parents=True, exist_ok=True)
     tok = tiny.bert_tokenizer(out)

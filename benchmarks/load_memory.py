@@ -43,7 +43,7 @@ def make_checkpoint(out: Path, small: bool) -> Path:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(out)
     sys.path.insert(0, str(ROOT))
-    from tests.tiny import bert_tokenizer
+    from blip2cli.tiny import bert_tokenizer
 
     bert_tokenizer(out)
     AutoTokenizer.from_pretrained(out)  # sanity

@@ -39,7 +39,7 @@ N_IMAGES, MICRO = 16, 8
 
 def assets(folder: Path) -> dict[str, Path]:
     """Tokenizers, the OPT-125m-shaped LLM and the caption set, built once under .bench/train/."""
-    from tests import tiny
+    from blip2cli import tiny
 
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "qtok" / "tokenizer.json").is_file():
