@@ -18,7 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from blip2cli.errors import UsageError
 
-# OpenAI CLIP normalisation, used by every BLIP-2 checkpoint (spec §2.3).
+# OpenAI CLIP normalisation, used by every BLIP-2 checkpoint (LAVIS processors).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -35,7 +35,7 @@ class VisionConfig:
     image_size: int = 224  # 224 for pretraining, 364 for COCO fine-tunes, 490 for VQA fine-tunes
     patch_size: int = 14
     width: int = 1408  # D_v
-    depth: int = 39  # EVA-CLIP-g has 40 blocks; BLIP-2 uses the first 39 (spec §2.1)
+    depth: int = 39  # EVA-CLIP-g has 40 blocks; BLIP-2 uses the first 39 (LAVIS eva_vit)
     heads: int = 16
     mlp_dim: int = 6144
     layer_norm_eps: float = 1e-6
@@ -58,7 +58,7 @@ class VisionConfig:
 
 @dataclass
 class QFormerConfig:
-    """BERT-base layout with 32 learned queries (spec §3)."""
+    """BERT-base layout with 32 learned queries (LAVIS Qformer)."""
 
     num_queries: int = 32
     hidden_size: int = 768
@@ -108,7 +108,7 @@ class ModelConfig:
 
 @dataclass
 class GenerationOptions:
-    """Decoding settings for captions and answers (spec §6). Lengths count new tokens only."""
+    """Decoding settings for captions and answers (LAVIS configs). Lengths count new tokens only."""
 
     num_beams: int = 5
     max_new_tokens: int = 30
@@ -288,7 +288,7 @@ class DataSource:
     path: str  # annotation file, folder, or shards (folder, glob, brace pattern); relative to the working directory
     image_root: str = ""  # folder the annotation's image paths are relative to; "" = the annotation file's folder
     weight: float = 1.0  # draws per epoch = round(weight * len(source)); webdataset: mixing probability
-    max_words: int = 50  # captions and questions are cut to this many words (spec §2.3)
+    max_words: int = 50  # captions and questions are cut to this many words (LAVIS processors)
     resampled: bool = False  # webdataset: draw shards with replacement, endless (needs `size`)
     shuffle: int = 1000  # webdataset: sample shuffle buffer (over undecoded bytes) and shard shuffle; 0 = off
     size: int = 0  # webdataset: samples per epoch (sizes.json); needed for resampled shards and lavis_epoch
@@ -311,7 +311,7 @@ class DataConfig:
 
     train: list[DataSource] = field(default_factory=list)
     val: list[DataSource] = field(default_factory=list)  # held out for the eval hook (validation loss)
-    augment: bool = True  # random resized crop + flip (spec §2.3); false = the eval resize, needed by feature_cache
+    augment: bool = True  # random resized crop + flip (LAVIS processors); false: the eval resize (feature_cache)
     randaugment: bool = False  # `blip_image_train`'s RandAugment (LAVIS's VG captions); needs augment
     crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range (LAVIS: 0.5-1.0)
     question_template: str = "Question: {} Answer:"  # vqa: what the LLM reads (paper §4.3); {} = the question
@@ -333,7 +333,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation (spec §7). Defaults are the paper's stage-1 values; recipes spell out every one of them."""
+    """Optimisation (paper §4, LAVIS yaml). Defaults are the paper's stage-1 values; recipes spell out each one."""
 
     lr: float = 1e-4  # peak learning rate, reached after warm-up
     min_lr: float = 1e-5  # cosine floor (maintainer, LAVIS #243: 1e-5 stage 1, 5e-5 stage 2)
@@ -345,10 +345,10 @@ class TrainConfig:
     weight_decay: float = 0.05  # AdamW; not on biases and 1-D weights; temp and query_tokens are decayed
     betas: tuple[float, float] = (0.9, 0.98)  # paper; LAVIS code defaults to (0.9, 0.999)
     eps: float = 1e-8
-    max_grad_norm: float = 0.0  # clip the gradient norm; 0 = off (LAVIS never clips, spec §5.5)
+    max_grad_norm: float = 0.0  # clip the gradient norm; 0 = off (LAVIS never clips, HF modeling_blip_2)
     schedule: Literal["cosine_step", "lavis_epoch"] = "cosine_step"  # paper (per step) or LAVIS (per epoch)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast for the trained parts and the frozen towers'
-    # dtype on GPUs; CPUs always run fp32 (no fp16 LayerNorm there, spec §5.5); Flan-T5 never runs fp16
+    # dtype on GPUs; CPUs always run fp32 (no fp16 LayerNorm there, HF modeling_blip_2); Flan-T5 never runs fp16
     grad_checkpointing: bool = False  # recompute the ViT blocks in the backward pass when the ViT is trained
     lr_layer_decay: float = 1.0  # ViT block i gets lr * decay^(depth - i) when trained; inert in LAVIS (its
     # schedulers overwrite every group's LR), honoured here: 1.0 reproduces LAVIS

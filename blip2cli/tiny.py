@@ -84,7 +84,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                         else 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
-            if name.endswith("self_attn.qkv.bias"):  # official checkpoints: the key third is zero (spec §9.2)
+            if name.endswith("self_attn.qkv.bias"):  # official files: the key third is zero (HF's conversion script)
                 p[p.shape[0] // 3: 2 * p.shape[0] // 3] = 0
 
 
@@ -132,7 +132,7 @@ def opt_model(out: Path, seed: int = 0) -> Path:
     assert len(newline) == 1
     text = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
                      max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2,
-                     eos_token_id=newline[0])  # as in the hub config: eos = "\n" (spec §5.2)
+                     eos_token_id=newline[0])  # as in the hub config: eos = "\n" (LAVIS Blip2OPT)
     return _save_generation_model(out, tok, text, seed)
 
 

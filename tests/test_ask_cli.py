@@ -62,8 +62,8 @@ def test_question_json_template_and_vqa_settings(tiny_opt_dir: Path, photo: Path
     assert record["image"] == str(photo) and record["question"] == "What is IN the picture?!"
     assert isinstance(record["answer"], str)
     (texts, o), = prompts
-    assert texts == ["Question: what is in the picture? Short answer:"]  # blip_question cleaning (spec §2.3)
-    assert (o.num_beams, o.max_new_tokens, o.min_new_tokens, o.length_penalty) == (5, 10, 0, 0.0)  # OPT (spec §6)
+    assert texts == ["Question: what is in the picture? Short answer:"]  # blip_question cleaning (LAVIS processors)
+    assert (o.num_beams, o.max_new_tokens, o.min_new_tokens, o.length_penalty) == (5, 10, 0, 0.0)  # OPT (LAVIS configs)
 
 
 def test_flan_t5_length_penalty_and_custom_template(tiny_t5_dir: Path, photo: Path, prompts) -> None:

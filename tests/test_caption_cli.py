@@ -75,7 +75,7 @@ def test_json_one_line_per_image_in_order(tiny_opt_dir: Path, photos: Path, call
     records = json_lines(result.stdout)
     assert [Path(r["image"]).name for r in records] == ["p0.png", "p1.png", "p2.png"]
     assert all(set(r) == {"image", "caption"} and isinstance(r["caption"], str) for r in records)
-    o = calls[0]["options"]  # the paper's caption decoding; min_length 8 counts BOS: 7 new tokens (spec §6)
+    o = calls[0]["options"]  # the paper's caption decoding; min_length 8 counts BOS: 7 new tokens (LAVIS configs)
     assert (o.num_beams, o.max_new_tokens, o.min_new_tokens, o.do_sample) == (5, 30, 7, False)
     assert calls[0]["prompts"] == ["", "", ""]
 
@@ -95,7 +95,7 @@ def test_prompt_is_continued_and_not_printed_unless_asked(tiny_opt_dir: Path, ph
     from transformers import AutoTokenizer
 
     prompt_tokens = len(AutoTokenizer.from_pretrained(tiny_opt_dir)("a photo of").input_ids)  # BOS included
-    assert calls[0]["options"].min_new_tokens == max(8 - prompt_tokens, 0)  # OPT-2.7B: 8 - 4 = 4 (spec §6)
+    assert calls[0]["options"].min_new_tokens == max(8 - prompt_tokens, 0)  # OPT-2.7B: 8 - 4 = 4 (LAVIS configs)
     assert json_lines(kept.stdout)[0]["caption"] == "a photo of " + json_lines(plain.stdout)[0]["caption"]
 
 

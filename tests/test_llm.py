@@ -49,7 +49,7 @@ def test_other_decoder_llms_train_and_generate(tmp_path, family):
 def test_half_precision_towers_keep_qformer_fp32(tiny_opt_dir):
     model = load_model(str(tiny_opt_dir), "cpu", "bfloat16")
     assert model.vision.tower.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
-    assert model.vision.tower.blocks[0].norm1.weight.dtype == torch.float32  # LayerNorms stay fp32 (spec §2.1)
+    assert model.vision.tower.blocks[0].norm1.weight.dtype == torch.float32  # LayerNorms stay fp32 (LAVIS eva_vit)
     assert model.llm.dtype == torch.bfloat16
     assert model.query_tokens.dtype == torch.float32 and model.ln_vision.weight.dtype == torch.float32
     assert next(model.qformer.parameters()).dtype == torch.float32

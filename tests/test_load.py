@@ -61,7 +61,7 @@ def test_lavis_stage1_file_with_separate_vision(tmp_path, tiny_retrieval_model_d
         f"checkpoint: blip2_pretrained.pth\nvision: {tiny_retrieval_model_dir}\ntokenizer: tok\n")
     lavis = load_model(str(tmp_path / "lavis.yaml"), "cpu", "float32")  # what --model takes
     assert lavis.temp.item() == pytest.approx(0.05)
-    assert lavis.ln_vision.eps == 1e-5  # LAVIS's ln_vision eps; HF's is 1e-6 (spec §2.1)
+    assert lavis.ln_vision.eps == 1e-5  # LAVIS's ln_vision eps; HF's is 1e-6 (LAVIS eva_vit)
     lavis.ln_vision.eps = model.ln_vision.eps
     for a, b in zip(_features(model), _features(lavis)):
         assert torch.allclose(a, b, atol=1e-6)

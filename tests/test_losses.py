@@ -121,7 +121,7 @@ def test_multi_positive_matches_spec_formula():
     out = itc_loss(img, txt, torch.tensor(temp), image_ids=ids)
 
     s = hand_similarity(img, txt)
-    # Spec §4.1: P[b, j] = [id_b == id_j]; target = 0.9 * P / sum(P) + 0.1 / (B*W).
+    # LAVIS Blip2Qformer: P[b, j] = [id_b == id_j]; target = 0.9 * P / sum(P) + 0.1 / (B*W).
     P = [[float(ids[b] == ids[j]) for j in range(3)] for b in range(3)]
     target = [[0.9 * P[b][j] / sum(P[b]) + 0.1 / 3 for j in range(3)] for b in range(3)]
     assert target[0] == pytest.approx([0.45 + 0.1 / 3, 0.45 + 0.1 / 3, 0.1 / 3])

@@ -25,7 +25,7 @@ def stage1(tmp_path_factory) -> Blip2:
 
 
 def test_itg_mask_by_hand():
-    """Text row i sees every query and text j <= i that is not padding (spec §3.3)."""
+    """Text row i sees every query and text j <= i that is not padding (LAVIS Qformer)."""
     pad = torch.tensor([[1, 1, 1, 0]])
     m = _itg_mask(pad, cached=2, T=4)[0, 0].int()
     expected = torch.tensor([

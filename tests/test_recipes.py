@@ -1,4 +1,4 @@
-"""Every shipped recipe loads, and the paper recipes carry spec §7's hyperparameters."""
+"""Every shipped recipe loads, and the paper recipes carry paper §4, LAVIS yaml's hyperparameters."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image processors (spec §2.3), text cleaning (spec §2.3) and the Flan-T5 prefix split (spec §5.4)."""
+"""Image processors and text cleaning (LAVIS processors) and the Flan-T5 prefix split (LAVIS Blip2T5)."""
 
 from __future__ import annotations
 

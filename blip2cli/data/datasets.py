@@ -106,7 +106,7 @@ class ImageTextDataset(Dataset):
             sample["text"] = clean_question(record.question, self.max_words)
             sample["answers"] = list(record.answers)
         else:
-            # CapFilt keeps two captions per web image and samples one at each step (spec §12)
+            # CapFilt keeps two captions per web image and samples one at each step (paper §3.4)
             sample["text"] = clean_caption(random.choice(record.captions), self.max_words)
         return sample
 
@@ -321,7 +321,7 @@ def _json_field(data: bytes | None, name: str) -> dict:
 
 
 def _shard_caption(meta: dict, txt: bytes | None, name: str) -> str:
-    """`captions: [...]` (CapFilt's top two, one sampled per step, spec §12) > `txt` > json `caption`."""
+    """`captions: [...]` (CapFilt's top two, one sampled per step, paper §3.4) > `txt` > json `caption`."""
     captions = meta.get("captions")
     if isinstance(captions, list) and captions:
         return str(random.choice(captions))

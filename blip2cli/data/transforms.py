@@ -1,4 +1,4 @@
-"""BLIP-2's image and text processors (spec §2.3), and the Flan-T5 prefix-LM split (spec §5.4).
+"""BLIP-2's image and text processors (LAVIS processors), and the Flan-T5 prefix-LM split (LAVIS Blip2T5).
 
 Images: `eval_pixels` is LAVIS's `blip_image_eval` (PIL bicubic resize to S x S, no crop); `TrainTransform`
 is `blip2_image_train`, or `blip_image_train` with `randaugment=True`. Random choices use torch's global RNG
@@ -33,7 +33,7 @@ def eval_pixels(
 ) -> torch.Tensor:
     """Images -> normalised pixels (B, 3, size, size), float32.
 
-    Spec §2.3: the resize is PIL's bicubic on the decoded RGB image, as LAVIS does; a tensor resize differs by
+    LAVIS processors: the resize is PIL's bicubic on the decoded RGB image, as LAVIS does; a tensor resize differs by
     up to 10/255 per pixel and moves ITC/ITM scores by ~1e-3. The aspect ratio is not kept and nothing is cropped."""
     resized = [image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC) for image in images]
     return torch.stack([_normalized(image, mean, std) for image in resized])  # (B, 3, S, S)
@@ -41,7 +41,7 @@ def eval_pixels(
 
 class TrainTransform:
     """Training augmentation: random resized crop (scale 0.5-1.0, bicubic) -> horizontal flip -> [RandAugment]
-    -> normalise. Spec §2.3: `blip2_image_train` (COCO) and, with `randaugment`, `blip_image_train` (VG)."""
+    -> normalise. LAVIS: `blip2_image_train` (COCO) and, with `randaugment`, `blip_image_train` (VG)."""
 
     def __init__(
         self,
@@ -68,7 +68,7 @@ class BlipRandAugment:
     """`blip_image_train`'s RandAugment: `num_ops` operations drawn with replacement from the spec's list, each
     applied with probability 0.5, at `magnitude` out of 10.
 
-    The op list is spec §2.3's (no colour, contrast, posterize or solarize, unlike torchvision's RandAugment).
+    The op list is LAVIS processors's (no colour, contrast, posterize or solarize, unlike torchvision's RandAugment).
     Strengths at full magnitude follow LAVIS's RandomAugment as we read it (to verify against its source):
     enhance factor 0.1-1.9 (so Brightness and Sharpness are no-ops at magnitude 5), shear 0.3, translation
     10 px, rotation 30 degrees, random sign, grey (128) fill."""
@@ -129,7 +129,7 @@ def _normalized(image: Image.Image, mean: Sequence[float], std: Sequence[float])
 # ---------------------------------------------------------------------------------------------------------------
 # Text
 
-# The punctuation `blip_caption` turns into spaces and `blip_question` deletes (spec §2.3); `?` and `,` stay.
+# The punctuation `blip_caption` turns into spaces and `blip_question` deletes (LAVIS processors); `?` and `,` stay.
 _PUNCTUATION = re.compile(r"[.!\"()*#:;~]")
 _WHITESPACE = re.compile(r"\s+")
 
@@ -148,13 +148,13 @@ def clean_caption(text: str, max_words: int = 50, prompt: str = "") -> str:
 def clean_question(text: str, max_words: int = 50) -> str:
     """`blip_question`: lowercase, delete the punctuation (the `?` stays), strip, keep `max_words` words.
 
-    Spec §2.3 right-strips; we strip both ends (VQAv2 questions never start with a space, so parity holds)."""
+    LAVIS's processor right-strips; we strip both ends (VQAv2 questions never start with a space, so parity holds)."""
     question = _PUNCTUATION.sub("", text.lower()).strip()
     return " ".join(question.split(" ")[:max_words])
 
 
 def split_prefix(caption: str, rng: random.Random) -> tuple[str, str]:
-    """Flan-T5 prefix-LM split (spec §5.4): k ~ U{1..max(1, n // 2)} of the n words go to the encoder
+    """Flan-T5 prefix-LM split (LAVIS Blip2T5): k ~ U{1..max(1, n // 2)} of the n words go to the encoder
     (`text_input`), the rest is the decoder target (`text_output`). A one-word caption has an empty prefix."""
     words = caption.split()
     if len(words) <= 1:

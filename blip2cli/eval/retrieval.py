@@ -1,4 +1,4 @@
-"""Image-text retrieval as BLIP-2 evaluates it (spec §8, LAVIS `compute_sim_matrix` and `_report_metrics`).
+"""Image-text retrieval as BLIP-2 evaluates it (LAVIS `compute_sim_matrix`, `_report_metrics`).
 
 1. ITC: S[i, t] = max over the 32 queries of <f_i[q], g_t>, no temperature.
 2. Image -> text: the top k texts of each image by S get ITM + S (ITM = mean-over-queries positive logit),

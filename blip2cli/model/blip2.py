@@ -6,7 +6,7 @@ The inference API the commands call:
   text_features(texts)         normalised ITC text vectors ([CLS])           (T, 256)
   itm_logits(E, texts)         2-class ITM logits, mean over queries, pairs   (B, 2)
   generate(pixels, prompts, o) captions / answers (LLM, or the Q-Former alone for stage-1 models)
-and the training objectives: stage1_loss (ITC + ITM + ITG, spec §4) and stage2_loss (LM loss, spec §5).
+and the training objectives: stage1_loss (ITC + ITM + ITG, LAVIS Blip2Qformer), stage2_loss (LM, LAVIS Blip2OPT/T5).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Blip2(nn.Module):
             self.vision_proj = nn.Linear(q.hidden_size, q.embed_dim)
             self.text_proj = nn.Linear(q.hidden_size, q.embed_dim)
             self.itm_head = nn.Linear(q.hidden_size, 2)
-            self.temp = nn.Parameter(torch.tensor(0.07))  # learnable, never clamped (spec §3.4)
+            self.temp = nn.Parameter(torch.tensor(0.07))  # learnable, never clamped (LAVIS Blip2Qformer)
         self.llm = llm
         self.llm_proj = nn.Linear(q.hidden_size, llm.hidden_size) if llm is not None else None
         self.tokenizer = tokenizer
@@ -69,7 +69,7 @@ class Blip2(nn.Module):
         return self.query_tokens.device
 
     def vision_embeds(self, pixels: Tensor) -> Tensor:
-        """E = ln_vision(ViT(pixels)), LayerNorm in fp32 (spec §2.1). (B, 3, S, S) -> (B, N, Dv) fp32."""
+        """E = ln_vision(ViT(pixels)), LayerNorm in fp32 (LAVIS eva_vit). (B, 3, S, S) -> (B, N, Dv) fp32."""
         feats = self.vision(pixels.to(self.device))  # (B, N, Dv), the tower's dtype
         return F.layer_norm(
             feats.float(), feats.shape[-1:], self.ln_vision.weight.float(), self.ln_vision.bias.float(),
@@ -117,7 +117,7 @@ class Blip2(nn.Module):
         return self._need("itm_head")(hidden[:, : queries.shape[1]]).mean(dim=1)  # (B, 2)
 
     def itm_logits(self, embeds: Tensor, texts: Sequence[str], max_len: int | None = None) -> Tensor:
-        """ITM logits for aligned (image, text) pairs, averaged over queries (spec §4.4). [:, 1] ranks."""
+        """ITM logits for aligned (image, text) pairs, averaged over queries (LAVIS Blip2Qformer). [:, 1] ranks."""
         return self._itm(embeds, *self.tokenize(texts, max_len=max_len))
 
     def llm_prefix(self, embeds: Tensor) -> Tensor:
@@ -138,7 +138,7 @@ class Blip2(nn.Module):
     # ------------------------------------------------------------------ training objectives
 
     def stage1_loss(self, pixels: Tensor, texts: Sequence[str], image_ids: Tensor | None = None) -> Stage1Output:
-        """ITC + ITM + ITG, unweighted (spec §4). `image_ids` switches ITC/ITM to multi-positive mode."""
+        """ITC + ITM + ITG, unweighted (LAVIS Blip2Qformer). `image_ids` switches ITC/ITM to multi-positive mode."""
         embeds = self.vision_embeds(pixels)  # (B, N, Dv)
         image_kv = self.qformer.image_kv(embeds)  # projected once: the query pass and the ITM positives share it
         z, cache = self.query_image(embeds, image_kv)  # (B, Q, H)
@@ -160,7 +160,7 @@ class Blip2(nn.Module):
         self, embeds: Tensor, image_kv: list, ids: Tensor, mask: Tensor, itc: losses.ItcOutput,
         image_ids: Tensor | None,
     ) -> Tensor:
-        """ITM with hard negatives from the global batch (spec §4.2): texts [T+;T+;T-] against images [E+;E-;E+],
+        """ITM, hard negatives from the global batch (LAVIS Blip2Qformer): texts [T+;T+;T-] against images [E+;E-;E+],
         E with gradient. The images' cross-attention K/V are projected once per image, not once per pair."""
         neg_img, neg_txt = losses.sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, image_ids)
         pairs = losses.itm_pairs(ids, mask, embeds, neg_img, neg_txt)
@@ -172,7 +172,7 @@ class Blip2(nn.Module):
 
     def stage2_loss(self, pixels: Tensor, texts: Sequence[str], prompt: str | Sequence[str] = "",
                     outputs: Sequence[str] | None = None) -> Stage2Output:
-        """LM loss through the frozen LLM (spec §5). Decoder-only: `texts` are prompt + caption, the prompt
+        """LM loss through the frozen LLM (LAVIS Blip2OPT/T5). Decoder-only: `texts` are prompt + caption, the prompt
         (BOS included) is masked; `prompt` is one for the batch or one per sample (VQA: each question).
         Flan-T5: `texts` go to the encoder and `outputs` are the targets."""
         prefix = self.llm_prefix(self.vision_embeds(pixels))  # (B, Q, d_llm)
@@ -195,7 +195,7 @@ class Blip2(nn.Module):
         return module
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """Only parameters that require grad (spec §7 checkpoints), tied copies dropped."""
+        """Only parameters that require grad (paper §4, LAVIS yaml checkpoints), tied copies dropped."""
         return {k: v for k, v in self.named_parameters() if v.requires_grad and not _is_tied(k)}
 
 

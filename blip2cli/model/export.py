@@ -2,7 +2,7 @@
 
 Models with an LLM become `Blip2ForConditionalGeneration` (with a `Blip2Processor`); text-capable stage-1 models
 become `Blip2ForImageTextRetrieval`. What HF has no place for (`temp`, the ITG head `Qformer.cls.*`, a non-zero
-key bias) goes into a sidecar file that our loader reads back (spec §9.2).
+key bias) goes into a sidecar file that our loader reads back (HF's conversion script).
 """
 
 from __future__ import annotations

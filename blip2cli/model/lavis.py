@@ -1,4 +1,4 @@
-"""LAVIS `.pth` checkpoints: partial state dicts under "model" (spec §9.1), their config read from the shapes.
+"""LAVIS `.pth` checkpoints: partial state dicts under "model" (LAVIS model zoo), their config read from the shapes.
 
 Files without a ViT, and stage-2 files, need their other parts named. From the command line that is a small YAML
 model file given to `--model`:
@@ -28,7 +28,7 @@ from blip2cli.model.weights import safe_torch_load
 
 def load_lavis(path: Path, place_args: tuple[str, str], name: str, vision: str | None, llm: str | None,
                tokenizer: str = "bert-base-uncased") -> Blip2:
-    """LAVIS checkpoints are partial state dicts under "model" (spec §9.1). Stage-1 files keep the ITG head and
+    """LAVIS checkpoints are partial state dicts under "model" (LAVIS model zoo). Stage-1 files keep the ITG head and
     temperature; the ViT comes from the file (fine-tuned ones) or from `vision`; the LLM from `llm`."""
     raw = safe_torch_load(path)
     state = raw.get("model", raw) if isinstance(raw, dict) else None
@@ -72,7 +72,7 @@ def _lavis_config(state: dict[str, Tensor], path: Path, llm: str | None, vision:
         vcfg = _eva_config(raw.get("model", raw))
     else:
         vcfg = VisionConfig()
-    vcfg = replace(vcfg, ln_vision_eps=1e-5)  # LAVIS's ln_vision (spec §2.1)
+    vcfg = replace(vcfg, ln_vision_eps=1e-5)  # LAVIS's ln_vision (LAVIS eva_vit)
     queries = state["query_tokens"]
     layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"Qformer\.bert\.encoder\.layer\.(\d+)\.", k))})
     cross = [i for i in layers if f"Qformer.bert.encoder.layer.{i}.crossattention.self.query.weight" in state]
@@ -90,7 +90,7 @@ def _lavis_config(state: dict[str, Tensor], path: Path, llm: str | None, vision:
         embed_dim=proj.shape[0] if proj is not None else 256,
     )
     is_stage2 = "opt_proj.weight" in state or "t5_proj.weight" in state
-    eos = "\n" if "opt_proj.weight" in state else ""  # OPT captions end with "\n" (spec §5.2)
+    eos = "\n" if "opt_proj.weight" in state else ""  # OPT captions end with "\n" (LAVIS Blip2OPT)
     llm_cfg = LLMConfig(name=llm or "", eos_text=eos) if is_stage2 else LLMConfig()
     return ModelConfig(vision=vcfg, qformer=qcfg, llm=llm_cfg)
 

@@ -1,8 +1,8 @@
 """The frozen LLM: a transformers decoder-only causal LM (OPT, Llama, Qwen, SmolLM, ...) or Flan-T5, fed the
 projected queries as a soft visual prompt (BLIP-2 §3.3).
 
-Decoder-only: [proj(Z) ; embed(BOS prompt text eos)], loss on the text after the prompt (spec §5.2).
-Encoder-decoder: encoder [proj(Z) ; embed(text_input </s>)], decoder targets text_output (spec §5.3).
+Decoder-only: [proj(Z) ; embed(BOS prompt text eos)], loss on the text after the prompt (LAVIS Blip2OPT).
+Encoder-decoder: encoder [proj(Z) ; embed(text_input </s>)], decoder targets text_output (LAVIS Blip2T5).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class FrozenLLM(nn.Module):
 
     def eos_token_ids(self) -> list[int]:
         """Where generation stops: the model's own eos, plus `eos_text` (OPT's "\\n" = 50118) for decoder-only
-        models, whose captions are trained to end with it (spec §5.2)."""
+        models, whose captions are trained to end with it (LAVIS Blip2OPT)."""
         configured = self.model.generation_config.eos_token_id
         ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
         if not self.is_encoder_decoder and self.eos_text:
@@ -128,7 +128,7 @@ class FrozenLLM(nn.Module):
         self, prefix: Tensor, texts: Sequence[str], prompt: str | Sequence[str]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Stage-2 training batch for decoder-only LLMs: embeds, mask, ids and prompt lengths (BOS counted).
-        Each text is `prompt + caption` already; `eos_text` is appended here (spec §5.2)."""
+        Each text is `prompt + caption` already; `eos_text` is appended here (LAVIS Blip2OPT)."""
         ids, mask = self._tokens([t + self.eos_text for t in texts], "right", self.max_text_len)
         prompts = [prompt] * len(texts) if isinstance(prompt, str) else list(prompt)
         lengths = [len(self.tokenizer(p).input_ids) if p else 0 for p in prompts]

@@ -3,7 +3,7 @@ written by `blip2 pretrain/finetune`, or a LAVIS `.pth` (with the vision weights
 
 The model is built on the meta device and every weight is assigned from a memory-mapped file, cast to its
 component's dtype on the way, so loading never holds two copies of the weights. Weight names are translated
-with plain prefix tables (spec §9.2).
+with plain prefix tables (HF's conversion script).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def fill(model: Blip2, tensors: Iterable[tuple[str, Tensor]], place: Placement, 
             continue
         target = expected[name]
         if name == "vision.tower.pos_embed" and tensor.shape != target.shape:
-            tensor = interpolate_pos_embed(tensor, target.shape[1])  # 224 -> 364/490 px (spec §2.1)
+            tensor = interpolate_pos_embed(tensor, target.shape[1])  # 224 -> 364/490 px (LAVIS eva_vit)
         if tuple(tensor.shape) != tuple(target.shape):
             raise UsageError(f"{source}: weight {name} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(target.shape)}: the checkpoint does not match its config")
@@ -100,7 +100,7 @@ def materialize(model: Blip2) -> list[str]:
                 continue
             value = torch.empty(p.shape, dtype=p.dtype)
             if n == "temp":
-                value.fill_(0.07)  # spec §3.4
+                value.fill_(0.07)  # LAVIS Blip2Qformer
             elif isinstance(module, torch.nn.LayerNorm):
                 value.fill_(1.0 if n == "weight" else 0.0)
             elif n == "bias" or n.endswith("_bias"):
@@ -208,7 +208,7 @@ def _split_biases(items: Iterable[tuple[str, Tensor]]) -> Iterable[tuple[str, Te
 
 
 def qformer_tokenizer(source: str | Path):
-    """BERT tokenizer with [DEC] as bos_token (spec §3.2). `source`: hub id or directory (its `qformer_tokenizer/`
+    """BERT tokenizer with [DEC] as bos_token (LAVIS Qformer). `source`: hub id or directory (its `qformer_tokenizer/`
     subfolder when present)."""
     from transformers import AutoTokenizer
 
@@ -318,7 +318,7 @@ def build_model(cfg: ModelConfig, place_args: tuple[str, str] = ("auto", "auto")
 
 
 def bert_weights(source: str, vocab_size: int) -> Iterable[tuple[str, Tensor]]:
-    """The Q-Former's starting point, as LAVIS builds it (spec §3.1-3.2): BERT's embeddings, self-attention and
+    """The Q-Former's starting point, as LAVIS builds it (LAVIS Qformer): BERT's embeddings, self-attention and
     FFN, the FFN copied into the query FFN, BERT's MLM head as the ITG head, the vocabulary grown for [DEC]
     (new rows: the mean embedding). Cross-attention stays randomly initialised."""
     path = Path(source)

@@ -1,4 +1,4 @@
-"""BLIP-2 losses as pure functions of tensors: stage-1 ITC, ITM with hard negatives, ITG (spec §4), stage-2 LM (§5.2).
+"""BLIP-2 losses as pure functions of tensors: stage-1 ITC, ITM with hard negatives, ITG (LAVIS Blip2Qformer); LM.
 
 Shape letters: B local batch, W world size, Q queries, D embed dim, T text length, V vocab, N image tokens.
 
@@ -20,7 +20,7 @@ IGNORE_INDEX = -100  # label value that is not a target (torch's cross_entropy d
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-# --- distributed helpers ------------------------------------------------------------------------------------------
+# --- distributed helpers ----------------------------------------------------------------------------------------------
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -66,14 +66,14 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def gather_with_grad(x: Tensor) -> Tensor:
-    """Concatenate `x` from every rank on dim 0, keeping the gradient: (B, ...) -> (B*W, ...) (spec §4.2)."""
+    """Concatenate `x` from every rank on dim 0, keeping the gradient: (B, ...) -> (B*W, ...) (LAVIS Blip2Qformer)."""
     _, world = rank_and_world()
     if world == 1:
         return x
     return _GatherWithGrad.apply(x)
 
 
-# --- ITC (spec §4.1) -----------------------------------------------------------------------------------------------
+# --- ITC (LAVIS Blip2Qformer) -----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -111,7 +111,7 @@ def positive_mask(batch_size: int, image_ids: Tensor | None, device: torch.devic
 
 def _check_image_ids(image_ids: Tensor, batch_size: int) -> None:
     # LAVIS switched modes on the mere presence of an `image_id` key, and crashed or went silently wrong on
-    # strings and per-dataset indices (spec §4.1): we take explicit, globally unique integer ids only.
+    # strings and per-dataset indices (LAVIS Blip2Qformer): we take explicit, globally unique integer ids only.
     if image_ids.dtype not in _INTEGER_DTYPES:
         raise ValueError(f"image_ids must be an integer tensor of global image ids, got dtype {image_ids.dtype}")
     if tuple(image_ids.shape) != (batch_size,):
@@ -133,7 +133,7 @@ def itc_loss(
     """Image-text contrastive loss over the global batch.
 
     img_local (B, Q, D) and txt_local (B, D) are L2-normalised; temp is the learnable scalar, used as given
-    (never clamped, spec §3.4). The other side of each similarity is gathered without gradient, as in LAVIS:
+    (never clamped, LAVIS Blip2Qformer). The other side of each similarity is gathered without gradient, as in LAVIS:
     images get their gradient from the i2t rows, texts from the t2i rows.
 
     Default: y_b = rank*B + b and loss = (CE_eps(sim_i2t, y) + CE_eps(sim_t2i, y)) / 2, torch's label
@@ -162,7 +162,7 @@ def itc_loss(
     return ItcOutput(loss=(loss_i2t + loss_t2i) / 2, sim_i2t=sim_i2t, sim_t2i=sim_t2i)
 
 
-# --- ITM with hard negatives (spec §4.2) ---------------------------------------------------------------------------
+# --- ITM with hard negatives (LAVIS Blip2Qformer) ---------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -229,7 +229,7 @@ def itm_pairs(
 ) -> ItmPairs:
     """Build the 3B ITM pairs from local tensors: B positives, then B (text, hard-negative image), then B
     (hard-negative text, image). Gathers the texts without gradient and the image embeddings with gradient
-    (spec §4.2), so every rank must call it; the indices come from `sample_hard_negatives`.
+    (LAVIS Blip2Qformer), so every rank must call it; the indices come from `sample_hard_negatives`.
     """
     ids_all, mask_all = gather_no_grad(text_ids), gather_no_grad(text_mask)  # (B*W, T)
     embeds_all = gather_with_grad(image_embeds)  # (B*W, N, Dv)
@@ -250,7 +250,7 @@ def itm_loss(logits: Tensor, batch_size: int) -> Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
-# --- language-model losses and labels (spec §4.3, §5.2, §5.3) ------------------------------------------------------
+# --- language-model losses and labels (LAVIS Blip2Qformer, LAVIS Blip2OPT, LAVIS Blip2T5) -----------------------------
 
 
 def lm_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -275,7 +275,7 @@ def itg_labels(input_ids: Tensor, pad_id: int) -> Tensor:
 def stage2_decoder_labels(
     input_ids: Tensor, attention_mask: Tensor, prompt_lengths: Tensor | int, num_prefix: int
 ) -> Tensor:
-    """Targets for a decoder-only LLM fed [num_prefix visual tokens ; text] (OPT, spec §5.2): (B, T) -> (B, P+T).
+    """Targets for a decoder-only LLM fed [num_prefix visual tokens ; text] (OPT, LAVIS Blip2OPT): (B, T) -> (B, P+T).
 
     IGNORE_INDEX on the visual prefix, on padding, and on the first prompt_lengths[b] real tokens of each
     text, BOS included (counted from the first non-pad token, so left padding works too). With prompt length
@@ -291,6 +291,6 @@ def stage2_decoder_labels(
 
 
 def seq2seq_labels(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Decoder targets for FlanT5 (spec §5.3): the `text_output` ids with pads set to IGNORE_INDEX. T5 shifts
+    """Decoder targets for FlanT5 (LAVIS Blip2T5): the `text_output` ids with pads set to IGNORE_INDEX. T5 shifts
     them itself, so its loss is not `lm_loss`."""
     return input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)

@@ -1,4 +1,4 @@
-"""Weight-name tables: Hugging Face and LAVIS names <-> ours (spec §9.2), as plain prefix tables.
+"""Weight-name tables: Hugging Face and LAVIS names <-> ours (HF's conversion script), as plain prefix tables.
 
 Ours follow LAVIS without the `Qformer.bert.` prefix (`qformer.encoder.layer.{i}.attention.self.query`), with the
 vision tower under `vision.tower.` in EVA's names and the LLM's own names under `llm.model.`.
@@ -98,7 +98,7 @@ def ours_to_lavis(name: str, llm_family: str = "opt") -> str | None:
 
 
 def split_qkv_biases(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """HF's fused qkv bias -> q_bias, k_bias, v_bias thirds (ours keeps k as a fixed buffer, spec §9.2)."""
+    """HF's fused qkv bias -> q_bias, k_bias, v_bias thirds (ours keeps k as a fixed buffer, HF's conversion script)."""
     out = {}
     for name, tensor in state.items():
         if name.endswith(".attn.qkv.bias"):

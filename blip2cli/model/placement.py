@@ -1,4 +1,4 @@
-"""Where each part of the model lives and in which dtype (spec §5.5)."""
+"""Where each part of the model lives and in which dtype (HF modeling_blip_2)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ class Placement:
     device: torch.device
     vision: torch.dtype  # frozen image tower
     llm: torch.dtype  # frozen language model
-    # The Q-Former, query tokens, ln_vision and projections always stay fp32 (spec §5.5).
+    # The Q-Former, query tokens, ln_vision and projections always stay fp32 (HF modeling_blip_2).
 
 
 def placement(device: str = "auto", dtype: str = "auto", t5: bool = False) -> Placement:
     """Accelerate picks the device for "auto". Frozen towers: bf16 on GPUs that have it (else fp16), fp32 on
-    CPU (no fp16 LayerNorm there, spec §5.5). Flan-T5 is never fp16 (NaNs, transformers #23918)."""
+    CPU (no fp16 LayerNorm there, HF modeling_blip_2). Flan-T5 is never fp16 (NaNs, transformers #23918)."""
     if device == "auto":
         from accelerate import PartialState
 
@@ -55,7 +55,7 @@ def _target_dtype(name: str, tensor: Tensor, place: Placement) -> torch.dtype:
     if not tensor.is_floating_point():
         return tensor.dtype
     if name.startswith("vision.tower."):
-        if re.search(r"\.norm\d\.", name):  # LayerNorms of the frozen tower stay fp32 (spec §2.1)
+        if re.search(r"\.norm\d\.", name):  # LayerNorms of the frozen tower stay fp32 (LAVIS eva_vit)
             return torch.float32
         return place.vision
     if name.startswith("llm.model."):

@@ -4,7 +4,7 @@ Queries and text share each layer's self-attention; queries then cross-attend to
 layer) and pass through their own FFN (`*_query`), text through BERT's FFN. Parameter names follow LAVIS's
 `Qformer.bert.*` / `Qformer.cls.*` without the prefix, so LAVIS files map one to one.
 
-The three attention regimes of stage 1 (spec §3.3) are three methods:
+The three attention regimes of stage 1 (LAVIS Qformer) are three methods:
   encode_queries  queries only, cross-attention on            -> Z (ITC image side, stage 2, ITG's K/V cache)
   encode_text     text only, padding mask                     -> T (ITC text side)
   encode_joint    queries + text, bidirectional, cross-attn   -> ITM
@@ -124,7 +124,7 @@ class QFormerLayer(nn.Module):
 
 
 class Embeddings(nn.Module):
-    """word + absolute position embeddings for text; LayerNorm and dropout over [queries ; text] (spec §3.2)."""
+    """word + absolute position embeddings for text; LayerNorm and dropout over [queries ; text] (LAVIS Qformer)."""
 
     def __init__(self, cfg: QFormerConfig) -> None:
         super().__init__()
@@ -213,7 +213,7 @@ class QFormer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def tie_weights(self) -> None:
-        """The LM head's decoder shares the word embeddings (spec §3.2). Re-run after loading with assign=True."""
+        """The LM head's decoder shares the word embeddings (LAVIS Qformer). Re-run after loading with assign=True."""
         if self.cls is not None:
             self.cls.predictions.decoder.weight = self.embeddings.word_embeddings.weight
 
@@ -261,7 +261,7 @@ class QFormer(nn.Module):
     def decode_text(
         self, ids: Tensor, pad_mask: Tensor, cache: QueryCache, offset: int = 0
     ) -> tuple[Tensor, QueryCache]:
-        """Causal text over the cached queries (ITG, spec §3.3): text row i sees every query, itself and earlier
+        """Causal text over the cached queries (ITG, LAVIS Qformer): text row i sees every query, itself and earlier
         non-pad text. `offset` is the number of text tokens already in the cache (incremental decoding)."""
         h = self.embeddings(ids, offset=offset)
         mask = _itg_mask(pad_mask, cache.length, ids.shape[1])

@@ -17,7 +17,7 @@ from blip2cli.config import VisionConfig
 
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in fp32 and cast back: frozen towers keep fp16/bf16 matmuls but fp32 norms
-    (spec §2.1), and run without autocast at inference."""
+    (LAVIS eva_vit), and run without autocast at inference."""
 
     def forward(self, x: Tensor) -> Tensor:
         w = None if self.weight is None else self.weight.float()
@@ -26,7 +26,7 @@ class LayerNorm32(nn.LayerNorm):
 
 
 class EvaAttention(nn.Module):
-    """Multi-head self-attention with EVA's bias layout: q and v biases, the k bias fixed at zero (spec §2.1)."""
+    """Multi-head self-attention with EVA's bias layout: q and v biases, the k bias fixed at zero (LAVIS eva_vit)."""
 
     def __init__(self, width: int, heads: int, qkv_bias: bool) -> None:
         super().__init__()
@@ -64,7 +64,7 @@ class EvaMlp(nn.Module):
 
 
 class EvaBlock(nn.Module):
-    """Pre-norm block: no layer-scale, no relative position bias, drop-path 0 (spec §2.1)."""
+    """Pre-norm block: no layer-scale, no relative position bias, drop-path 0 (LAVIS eva_vit)."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -142,7 +142,7 @@ class TimmViT(nn.Module):
 
 class VisionEncoder(nn.Module):
     """The image tower. When `cfg.freeze` is set it is frozen for good: no gradients, and `train()` cannot take
-    it out of eval mode (spec §2.1: frozen towers stay in eval mode permanently)."""
+    it out of eval mode (LAVIS eva_vit: frozen towers stay in eval mode permanently)."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -169,7 +169,7 @@ class VisionEncoder(nn.Module):
 
 def interpolate_pos_embed(pos_embed: Tensor, num_tokens: int) -> Tensor:
     """Resize a (1, 1+n*n, D) position table to (1, num_tokens, D): CLS kept, the grid resized bicubic with
-    align_corners=False (spec §2.1: 224 -> 364 or 490 px)."""
+    align_corners=False (LAVIS eva_vit: 224 -> 364 or 490 px)."""
     if pos_embed.shape[1] == num_tokens:
         return pos_embed
     old = math.isqrt(pos_embed.shape[1] - 1)

@@ -1,10 +1,10 @@
 """Scoring and ranking: exact ITC from stored query matrices, ITM re-ranking, image-to-image similarity, dedup.
 
-BLIP-2 scores an image against a text by the max over its Q query vectors of the cosine (spec §8.3), so images are
+BLIP-2 scores an image against a text by its best query vector's cosine (LAVIS compute_sim_matrix), so images are
 always scored from their full (Q, D) matrix, never from one vector; the index only proposes candidates. With ITM
-re-ranking the score is the mean-over-queries positive ITM logit plus that cosine (spec §8.7, LAVIS #645).
+re-ranking the score is the mean-over-queries positive ITM logit plus that cosine (LAVIS compute_sim_matrix, #645).
 
-Image-to-image is not defined upstream (spec §8). Our rule: the symmetric mean-of-max (Chamfer) similarity,
+Image-to-image is not defined upstream (LAVIS). Our rule: the symmetric mean-of-max (Chamfer) similarity,
     sim(A, B) = 1/2 * (mean_q max_p <A_q, B_p> + mean_p max_q <A_q, B_p>),
 the image analogue of max-over-queries: every query vector of one image is matched with its best partner in the
 other, and averaging both directions makes it symmetric with sim(A, A) = 1. It is reported as `itc` and `score`.

@@ -145,7 +145,7 @@ def init_from(model: Blip2, source: str) -> tuple[int, int]:
                 skipped += 1
                 continue
             if name.endswith("vision.tower.pos_embed") and tensor.shape != target.shape:
-                tensor = interpolate_pos_embed(tensor, target.shape[1])  # 224 -> 364 / 490 px (spec §2.1)
+                tensor = interpolate_pos_embed(tensor, target.shape[1])  # 224 -> 364 / 490 px (LAVIS eva_vit)
             if tuple(tensor.shape) != tuple(target.shape):
                 raise UsageError(f"model.init: {name} has shape {tuple(tensor.shape)} in {source}, the model "
                                  f"expects {tuple(target.shape)}")

@@ -76,7 +76,7 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# What the model reads: per task and LLM kind (spec §5)
+# What the model reads: per task and LLM kind (LAVIS Blip2OPT/T5)
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,8 @@ class TextFormat:
 
     qformer        stage 1 / retrieval: the caption
     decoder        OPT-style stage 2 / caption fine-tune: "prompt caption" (the prompt is masked in the loss)
-    seq2seq_split  Flan-T5 stage 2: prefix-LM split (spec §5.4), the prompt (if any) in front of the prefix
-    seq2seq_prompt Flan-T5 caption fine-tune: encoder = the prompt, target = the caption (spec §5.3)
+    seq2seq_split  Flan-T5 stage 2: prefix-LM split (LAVIS Blip2T5), the prompt (if any) in front of the prefix
+    seq2seq_prompt Flan-T5 caption fine-tune: encoder = the prompt, target = the caption (LAVIS Blip2T5)
     vqa_decoder    "Question: q Answer: a", the question part masked per sample
     vqa_seq2seq    encoder = "Question: q Answer:", target = an answer
     """

@@ -6,7 +6,7 @@ passed to `prepare()` (ecosystem §6): each rank reads its own slice (train/data
 accumulation is counted by us (`sync_with_dataloader=False`), and the learning rate is set from the step
 number before every optimizer step, so the schedule is in optimizer steps whatever the number of processes.
 
-Precision (spec §5.5): the Q-Former, projections, ln_vision and query tokens keep fp32 master weights under
+Precision (HF modeling_blip_2): the Q-Former, projections, ln_vision and query tokens keep fp32 master weights under
 autocast (bf16 or fp16 with a GradScaler); the frozen ViT and LLM are stored in that half dtype, the ViT in fp32
 when it is trained. Flan-T5 never runs in fp16; CPUs run fp32.
 """

@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the learning-rate schedules (spec §7).
+"""AdamW parameter groups and the learning-rate schedules (paper §4, LAVIS yaml).
 
 Groups: no weight decay for biases and 1-D weights (LayerNorms); everything else is decayed, the 0-d `temp`
 and `query_tokens` included, as in LAVIS. When the ViT is trained, `lr_layer_decay` scales block i's rate by
