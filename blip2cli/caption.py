@@ -41,8 +41,9 @@ def run_jobs(
     images are read two batches ahead of the model (data.prefetch)."""
     size, mean, std = model.cfg.vision.image_size, model.cfg.image_mean, model.cfg.image_std
     batches = [list(jobs[i : i + batch_size]) for i in range(0, len(jobs), batch_size)]
-    decoded_batches = prefetch(batches, lambda job: image_pixels(job.image, size, mean, std), threads=decode_threads)
-    for batch, decoded in zip(batches, decoded_batches):
+    ahead = prefetch(jobs, lambda job: image_pixels(job.image, size, mean, std), decode_threads, 2 * batch_size)
+    for batch in batches:
+        decoded = [next(ahead) for _ in batch]
         good = [(job, px) for job, px in zip(batch, decoded) if not isinstance(px, str)]
         texts: Iterator[list[str]] = iter(())
         if good:

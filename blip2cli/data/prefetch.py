@@ -1,10 +1,11 @@
-"""Decode images ahead of the model: a small thread pool keeps the next batches ready while the current one runs
-(PIL decoding and torch both release the GIL, so the model never waits on JPEG decoding)."""
+"""Decode images ahead of the model: a small thread pool keeps the next items ready while the model works on the
+current ones (PIL decoding and torch both release the GIL, so the model never waits on JPEG decoding). Used by
+captioning, answering, benchmarks and indexing alike."""
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -12,20 +13,18 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def prefetch(
-    batches: Sequence[Sequence[T]], load: Callable[[T], R], threads: int = 2, ahead: int = 2
-) -> Iterator[list[R]]:
-    """Yield `[load(x) for x in batch]` for each batch in order, `ahead` batches loaded in `threads` background
-    threads. An exception from `load` surfaces when its batch is reached; pending work is cancelled on exit."""
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blip2-decode")
-    pending: deque[list[Future[R]]] = deque()
+def prefetch(items: Iterable[T], load: Callable[[T], R], threads: int = 2, ahead: int = 16) -> Iterator[R]:
+    """Yield `load(x)` for each item in order, computed in `threads` background threads at most `ahead` items
+    before the consumer (bounded memory). An exception from `load` surfaces when its item is reached; work still
+    pending is cancelled when the consumer stops."""
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="blip2-decode")
+    pending: deque[Future[R]] = deque()
     try:
-        for batch in batches[:ahead]:
-            pending.append([pool.submit(load, item) for item in batch])
-        for i in range(len(batches)):
-            loaded = [future.result() for future in pending.popleft()]
-            if i + ahead < len(batches):
-                pending.append([pool.submit(load, item) for item in batches[i + ahead]])
-            yield loaded
+        for item in items:
+            pending.append(pool.submit(load, item))
+            if len(pending) >= max(1, ahead):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

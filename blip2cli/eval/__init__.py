@@ -39,7 +39,7 @@ def load_model(name: str, device: str, dtype: str, need: Need, job: str) -> tupl
 
     def pixels(paths: Sequence[Path]) -> Tensor:
         try:  # eight threads: decoding JPEGs would otherwise starve the GPU
-            images = next(prefetch([list(paths)], load_image, threads=8, ahead=1))
+            images = list(prefetch(paths, load_image, threads=8, ahead=len(paths)))
         except InputError as exc:
             raise UsageError(f"{exc} (a benchmark needs every image)") from None
         return eval_pixels(images, cfg.vision.image_size, cfg.image_mean, cfg.image_std)

@@ -16,15 +16,14 @@ import json
 import os
 import shutil
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from blip2cli.data.prefetch import prefetch
 from blip2cli.errors import Failure, InputError
 from blip2cli.retrieval import index as index_mod
 from blip2cli.retrieval.store import FileEntry, NewContent, Store, StoreInfo, sha256_file
@@ -106,15 +105,14 @@ class ModelEncoder:
 
         out = np.full(len(paths), np.nan)
         clean = clean_caption(text)
-        with ThreadPoolExecutor(4) as pool:
-            pixels = pool.map(self._pixels_or_none, paths)  # lazy, in order, decoding ahead
-            for start in range(0, len(paths), self.batch_size):
-                batch = [(i, next(pixels)) for i in range(start, min(start + self.batch_size, len(paths)))]
-                ok = [i for i, x in batch if x is not None]
-                if ok:
-                    with torch.inference_mode():
-                        embeds = self.model.vision_embeds(torch.stack([x for _, x in batch if x is not None]))
-                        out[ok] = self.model.itm_logits(embeds, [clean] * len(ok))[:, 1].float().cpu().numpy()
+        pixels = prefetch(paths, self._pixels_or_none, threads=4, ahead=2 * self.batch_size)  # decoding ahead
+        for start in range(0, len(paths), self.batch_size):
+            batch = [(i, next(pixels)) for i in range(start, min(start + self.batch_size, len(paths)))]
+            ok = [i for i, x in batch if x is not None]
+            if ok:
+                with torch.inference_mode():
+                    embeds = self.model.vision_embeds(torch.stack([x for _, x in batch if x is not None]))
+                    out[ok] = self.model.itm_logits(embeds, [clean] * len(ok))[:, 1].float().cpu().numpy()
         return out
 
     def _pixels_or_none(self, path: str) -> Any:
@@ -131,7 +129,7 @@ def load_encoder(model: str, device: str = "auto", dtype: str = "auto", batch_si
     from blip2cli.model.load import load_model
 
     net = load_model(model, device, dtype)
-    require(net, "retrieval", "index and search", model)  # before any image is read or any file written
+    require(net, "retrieval", "retrieval (index, search)", model)  # before any image is read or any file written
     return ModelEncoder(net, batch_size)
 
 
@@ -369,14 +367,7 @@ def _prepared_in_order(
     todo: list[_Todo], known: Callable[[str], bool], enc: ImageEncoder, workers: int, window: int
 ) -> Iterator[_Prepared]:
     """Results in input order, at most `window` items ahead of the consumer (bounded memory)."""
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        pending: deque = deque()
-        for item in todo:
-            pending.append(pool.submit(_prepare, item, known, enc))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    return prefetch(todo, lambda item: _prepare(item, known, enc), threads=workers, ahead=window)
 
 
 def _embed(
