@@ -19,13 +19,17 @@ import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from blip2cli.decoding import CAPTION_PROMPT, Decoding, caption_defaults
 from blip2cli.errors import UsageError
 from blip2cli.eval import check_inputs, load_model, resume_log, write_outputs
 from blip2cli.eval import datasets as ds
 from blip2cli.jsonl import run_resumable
+
+if TYPE_CHECKING:
+    from blip2cli.config import GenerationOptions
+    from blip2cli.model.blip2 import Blip2
 
 K = TypeVar("K")
 
@@ -240,11 +244,11 @@ def _float(value: Any) -> float:
 
 
 def generate_captions(
-    model: Any,
+    model: Blip2,
     images: Mapping[int, Path],
     pixels_fn: Callable[[Sequence[Path]], Any],
     prompt: str,
-    options: Any,
+    options: GenerationOptions,
     batch_size: int,
     log: Path | None = None,
 ) -> dict[int, str]:

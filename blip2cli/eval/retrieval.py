@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -22,6 +22,9 @@ from blip2cli.eval import datasets as ds
 from blip2cli.jsonl import JsonlLog, read_jsonl
 from blip2cli.model.losses import itc_similarity
 from blip2cli.render import progress
+
+if TYPE_CHECKING:
+    from blip2cli.model.blip2 import Blip2
 
 # (image indices (P,), text indices (P,)) -> ITM positive logit of each aligned pair (P,)
 ItmFn = Callable[[Tensor, Tensor], Tensor]
@@ -133,7 +136,7 @@ def recall_at_k(i2t: Tensor, t2i: Tensor, img2txt: Sequence[Sequence[int]], txt2
 
 
 def retrieval_scores(
-    model: Any,
+    model: Blip2,
     images: Sequence[Path],
     texts: Sequence[str],
     pixels_fn: Callable[[Sequence[Path]], Tensor],

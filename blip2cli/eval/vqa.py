@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from blip2cli.data.transforms import clean_question
 from blip2cli.decoding import VQA_TEMPLATE, Decoding, vqa_defaults
@@ -29,6 +29,10 @@ from blip2cli.errors import UsageError
 from blip2cli.eval import check_inputs, load_model, resume_log, write_outputs
 from blip2cli.eval import datasets as ds
 from blip2cli.jsonl import run_resumable
+
+if TYPE_CHECKING:
+    from blip2cli.config import GenerationOptions
+    from blip2cli.model.blip2 import Blip2
 
 Normalize = Literal["official", "lavis"]
 QuestionId = int | str
@@ -209,10 +213,10 @@ def lemmatize(answer: str) -> str:
 
 
 def answer_questions(
-    model: Any,
+    model: Blip2,
     questions: Sequence[tuple[QuestionId, Path, str]],
     pixels_fn: Callable[[Sequence[Path]], Any],
-    options: Any,
+    options: GenerationOptions,
     batch_size: int,
     log: Path | None = None,
     lemmatize_answers: bool = False,
