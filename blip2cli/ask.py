@@ -20,7 +20,7 @@ from torch import Tensor
 from blip2cli.caption import Job, image_key, run_jobs
 from blip2cli.config import GenerationOptions
 from blip2cli.data.transforms import clean_question
-from blip2cli.decoding import VQA_TEMPLATE, Decoding, instruct_defaults, vqa_defaults
+from blip2cli.decoding import CHAT_TEMPLATE, VQA_TEMPLATE, Decoding, check_template, instruct_defaults, vqa_defaults
 from blip2cli.errors import UsageError
 from blip2cli.jsonl import ResumeLog
 from blip2cli.model.blip2 import Blip2
@@ -42,6 +42,29 @@ class BatchQuestion:
 
 
 Item = BatchQuestion | dict[str, Any]  # a question, or the error record of an unusable --batch line
+
+
+def check_request(*, image: str | None, question: str | None, template: str | None, instruct: bool, chat: bool,
+                  batch: Path | None, out: Path | None) -> str:  # fmt: skip
+    """The question template to use (`--chat` defaults to the conversation one); a one-line UsageError for
+    missing or contradictory arguments, before anything is loaded."""
+    if instruct and template is not None:
+        raise UsageError("--template: not used with --instruct (the text is sent as typed)")
+    template = check_template(template if template is not None else (CHAT_TEMPLATE if chat else VQA_TEMPLATE))
+    if batch is not None and (image is not None or chat):
+        raise UsageError("--batch: give either IMAGE QUESTION, --chat or --batch FILE, not several")
+    if batch is None:
+        if image is None:
+            raise UsageError("IMAGE: missing (blip2 ask IMAGE QUESTION, or --batch FILE.jsonl)")
+        if question is None and not chat:
+            raise UsageError("QUESTION: missing (or --chat to ask from standard input)")
+        if not Path(image).exists():
+            raise UsageError(f"no such file: {image}")
+        if Path(image).is_dir():
+            raise UsageError(f"{image} is a folder: blip2 ask takes one image (or --batch FILE.jsonl)")
+    if out is not None and out.is_dir():
+        raise UsageError(f"--out: {out} is a folder; give a file such as {out / 'answers.jsonl'}")
+    return template
 
 
 def answer_options(model: Blip2, decoding: Decoding, instruct: bool = False) -> GenerationOptions:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from blip2cli import __version__
-from blip2cli.decoding import CAPTION_PROMPT, CHAT_TEMPLATE, VQA_TEMPLATE, Decoding, check_template, describe
+from blip2cli.decoding import CAPTION_PROMPT, VQA_TEMPLATE, Decoding, describe
 from blip2cli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -285,22 +285,8 @@ def ask(
     from blip2cli.jsonl import JsonlLog
     from blip2cli.render import console
 
-    if instruct and template is not None:
-        raise UsageError("--template: not used with --instruct (the text is sent as typed)")
-    tmpl = check_template(template if template is not None else (CHAT_TEMPLATE if chat else VQA_TEMPLATE))
-    if batch is not None and (image is not None or chat):
-        raise UsageError("--batch: give either IMAGE QUESTION, --chat or --batch FILE, not several")
-    if batch is None:
-        if image is None:
-            raise UsageError("IMAGE: missing (blip2 ask IMAGE QUESTION, or --batch FILE.jsonl)")
-        if question is None and not chat:
-            raise UsageError("QUESTION: missing (or --chat to ask from standard input)")
-        if not Path(image).exists():
-            raise UsageError(f"no such file: {image}")
-        if Path(image).is_dir():
-            raise UsageError(f"{image} is a folder: blip2 ask takes one image (or --batch FILE.jsonl)")
-    if out is not None and out.is_dir():
-        raise UsageError(f"--out: {out} is a folder; give a file such as {out / 'answers.jsonl'}")
+    tmpl = job.check_request(image=image, question=question, template=template, instruct=instruct, chat=chat,
+                             batch=batch, out=out)  # fmt: skip
     decoding = Decoding(num_beams, max_new_tokens, min_new_tokens, sample, top_p, temperature).check()
     items: list[Any] = [job.BatchQuestion(0, image, question)] if batch is None else job.read_batch(batch)
     log: Any = None
