@@ -146,7 +146,9 @@ def caption_record(image: str, texts: list[str] | str, prompt: str = "", keep_pr
 
 def image_key(image: str | Path) -> str:
     """Records name images as the user spelled them; a rerun matches them by absolute path."""
-    return str(Path(image).expanduser().resolve())
+    from blip2cli.data.inputs import path_key  # issue 10: Path.resolve() raises on a symlink loop
+
+    return path_key(image)
 
 
 def read_done(path: Path, key: Callable[[dict[str, Any]], Hashable | None]) -> set[Hashable]:

@@ -159,7 +159,7 @@ def caption(
     from blip2cli.config import GenerationOptions
     from blip2cli.data.inputs import expand_inputs
     from blip2cli.model import presets
-    from blip2cli.render import console, emit, error, progress, table, warn
+    from blip2cli.render import emit, error, note, progress, table, warn
 
     paths = expand_inputs(inputs)
     if out is not None and out.is_dir():
@@ -169,7 +169,7 @@ def caption(
     done = job.read_done(out, lambda r: job.image_key(r["image"]) if "image" in r else None) if out else set()
     todo = [p for p in paths if job.image_key(p) not in done]
     if out is not None and len(todo) < len(paths):
-        console.print(f"{len(paths) - len(todo)} of {len(paths)} images already captioned in {out}: skipped")
+        note(f"{len(paths) - len(todo)} of {len(paths)} images already captioned in {out}: skipped")  # issue 10
     if not todo:
         return
 
@@ -340,7 +340,7 @@ def _ask_batch(net: Any, items: list[Any], template: str, instruct: bool, option
                log: Any, json_out: bool, resume: bool = False) -> tuple[int, int]:  # fmt: skip
     """Answer (image, question) items in batches, skipping those already in --out; returns (failed, total)."""
     from blip2cli import caption as job
-    from blip2cli.render import console, emit, error, progress, table
+    from blip2cli.render import console, emit, error, note, progress, table
 
     def key(record: dict[str, Any]) -> tuple[str, str] | None:
         return (job.image_key(record["image"]), record["question"]) if "question" in record else None
@@ -348,7 +348,7 @@ def _ask_batch(net: Any, items: list[Any], template: str, instruct: bool, option
     done = job.read_done(log.path, key) if log is not None and resume else set()
     todo = [i for i in items if isinstance(i, dict) or key(vars(i)) not in done]
     if len(todo) < len(items):
-        console.print(f"{len(items) - len(todo)} questions already answered in {log.path}: skipped")
+        note(f"{len(items) - len(todo)} questions already answered in {log.path}: skipped")  # issue 10
     asked = [i for i in todo if not isinstance(i, dict)]
     jobs = [job.Job(Path(i.image), job.question_prompt(i.question, template, instruct)) for i in asked]
     results = iter(progress(job.run_jobs(net, jobs, options, batch_size), len(jobs), "answering"))
@@ -382,7 +382,7 @@ def _ask_chat(net: Any, image: str, question: str | None, template: str, instruc
     import sys
 
     from blip2cli import caption as job
-    from blip2cli.render import console, emit, error
+    from blip2cli.render import console, emit, error, plain
 
     pixels = job.image_pixels(Path(image), net.cfg.vision.image_size, net.cfg.image_mean, net.cfg.image_std)
     if isinstance(pixels, str):
@@ -409,7 +409,7 @@ def _ask_chat(net: Any, image: str, question: str | None, template: str, instruc
         if json_out:
             emit(record)
         else:
-            console.print(f"[bold]answer>[/] {answer}" if interactive else answer, highlight=False)
+            console.print(f"[bold]answer>[/] {plain(answer)}" if interactive else plain(answer), highlight=False)
         turns += 1
         question = None
     return 0, turns
@@ -443,7 +443,7 @@ def index(
     deleted files are dropped. Interrupting is safe: rerun to finish. Under `accelerate launch`, each process
     embeds a share of the files and rank 0 merges them. Exit code 1 if some images could not be read."""
     from blip2cli.data.inputs import expand_inputs
-    from blip2cli.render import emit, progress, table, warn
+    from blip2cli.render import emit, failed_input, progress, table
     from blip2cli.retrieval.indexer import index_images, load_encoder
 
     paths = expand_inputs(inputs)
@@ -454,7 +454,7 @@ def index(
     if report is None:  # a non-zero rank of a distributed run: rank 0 reports
         return
     for failure in report.failed:
-        warn(f"{failure.path}: {failure.error}")
+        failed_input(failure.path, failure.error)  # issue 10: one line, the path once
     record = report.record()
     if json_out:
         emit(record)

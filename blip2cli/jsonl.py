@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from blip2cli.errors import UsageError
+from blip2cli.files import LineAppender, json_line
 
 
 def _cut_partial_line(path: Path) -> None:
@@ -58,15 +59,14 @@ class JsonlLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_file():
                 _cut_partial_line(path)
-            self.fh = path.open("a", encoding="utf-8")
+            self.fh = LineAppender(path)  # issue 10: whole lines only, DiskFull on a full disk
         except OSError as exc:
             raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
         self.path = path
         self.written = 0
 
     def write(self, record: dict[str, Any]) -> None:
-        self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.fh.flush()
+        self.fh.write(json_line(record))  # issue 10: names that are not UTF-8 as \udcXX escapes
         self.written += 1
 
     def close(self) -> None:

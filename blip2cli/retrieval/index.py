@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from blip2cli.errors import UsageError
+from blip2cli.files import atomic_write
 from blip2cli.retrieval.store import Store, pool
 
 EXACT_MAX_IMAGES = 4096
@@ -177,9 +176,15 @@ def update_index(store: Store, index_dir: Path, key: str | None = None, measure:
         manifest.measured = measure_index(store, LoadedIndex(manifest, index, rows, store))
     elif not rebuilt:
         manifest.measured = old.measured  # an in-place update keeps the figures measured at the last rebuild
-    atomic_write(index_dir / manifest.rows_file, lambda f: np.save(f, rows))
-    atomic_write(index_dir / manifest.file, lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)))
-    manifest.write(index_dir)  # the commit point
+    try:
+        atomic_write(index_dir / manifest.rows_file, lambda f: np.save(f, rows), rows.nbytes)
+        needed = int(index.ntotal) * store.info.dim * 4  # at most float32 vectors (a Flat index)
+        atomic_write(index_dir / manifest.file, lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)),
+                     needed)  # fmt: skip
+        manifest.write(index_dir)  # the commit point
+    except BaseException:  # e.g. a full disk: the previous index (and its manifest) stay as they were
+        _remove_unreferenced(index_dir, old)
+        raise
     _remove_unreferenced(index_dir, manifest)
     return manifest
 
@@ -321,18 +326,8 @@ def measure_index(store: Store, loaded: LoadedIndex, n_queries: int = MEASURE_QU
     return out
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Write a new file next to `path`, fsync it, then rename over: readers see the old or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _remove_unreferenced(index_dir: Path, manifest: Manifest) -> None:
-    keep = {manifest.file, manifest.rows_file}
+def _remove_unreferenced(index_dir: Path, manifest: Manifest | None) -> None:
+    keep = {manifest.file, manifest.rows_file} if manifest is not None else set()
     for path in [*index_dir.glob("index-*.faiss"), *index_dir.glob("rows-*.npy"), *index_dir.glob(".*.tmp")]:
         if path.name not in keep:
             path.unlink(missing_ok=True)
