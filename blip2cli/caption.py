@@ -224,10 +224,12 @@ class BatchQuestion:
 def read_batch(path: Path) -> list[BatchQuestion | dict[str, Any]]:
     """The lines of an `ask --batch` file: {"image", "question"} objects. A line that is not one becomes an error
     record ({"line", "error"}) and the other lines still run. Blank lines are skipped."""
+    if path.is_dir():  # issue 10
+        raise UsageError(f"--batch: {path} is a folder; give a JSONL file with one {{\"image\", \"question\"}} a line")
     if not path.is_file():
         raise UsageError(f"--batch: no such file: {path}")
     items: list[BatchQuestion | dict[str, Any]] = []
-    with path.open(encoding="utf-8", errors="replace") as fh:
+    with path.open(encoding="utf-8-sig", errors="replace") as fh:  # issue 10: -sig drops a BOM (Notepad's UTF-8)
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue

@@ -550,9 +550,11 @@ def _train(recipe: Path, sets: list[str], out: Path | None, resume: str | None, 
         raise UsageError(f"{recipe}: a pretraining recipe (task: pretrain): run it with `blip2 pretrain --stage "
                          f"{loaded.stage}`")
     out = out or Path("runs") / recipe.stem
+    from blip2cli.train.checkpoint import reported_faults
     from blip2cli.train.loop import run
 
-    step, main = run(loaded, out, resume, max_steps, emit if json_out else None)
+    with reported_faults(out):  # issue 10: Ctrl-C says what was saved (exit 130); a full disk is one line (exit 1)
+        step, main = run(loaded, out, resume, max_steps, emit if json_out else None)
     if json_out and main:
         emit({"out": str(out), "step": step})
 
