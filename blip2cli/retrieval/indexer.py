@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from blip2cli.errors import DiskFull, Failure, InputError, Interrupted
+from blip2cli.errors import Failure, InputError, Interrupted
 from blip2cli.files import check_regular, disk_full, is_disk_full, os_error_message
 from blip2cli.retrieval import index as index_mod
 from blip2cli.retrieval.store import FileEntry, NewContent, Store, StoreInfo, sha256_file
@@ -214,8 +214,8 @@ def index_images(
             raise _interrupted(store, index_dir) from None
         finally:
             store.close()
-    except (OSError, sqlite3.Error, DiskFull) as exc:
-        if not (isinstance(exc, DiskFull) or is_disk_full(exc)):
+    except (OSError, sqlite3.Error) as exc:  # DiskFull from a file written whole names that file: it passes
+        if not is_disk_full(exc):
             raise
         raise disk_full(index_dir, _space_needed(index_dir, len(todo), row_bytes)) from None
     return report

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from blip2cli.errors import UsageError
-from blip2cli.files import disk_full, is_disk_full, open_regular
+from blip2cli.files import is_disk_full, open_regular
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -318,11 +318,9 @@ class Store:
         try:
             self._commit(new, mats, upsert, remove, drop_orphans)
         except (OSError, sqlite3.Error) as exc:
-            if not is_disk_full(exc):
-                raise
-            self._truncate_uncommitted()  # give back the space this batch's rows took
-            needed = len(new) * (self.info.num_queries + 1) * self.info.dim * 2 + 4096 * (len(upsert) + 1)
-            raise disk_full(self.root, needed) from None
+            if is_disk_full(exc):  # the caller reports it (indexer: with what the whole run needs)
+                self._truncate_uncommitted()  # give back the space this batch's rows took
+            raise
 
     def _commit(self, new: Sequence[NewContent], mats: np.ndarray | None, upsert: Sequence[FileEntry],
                 remove: Sequence[str], drop_orphans: bool) -> None:  # fmt: skip
