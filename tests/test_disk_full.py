@@ -17,7 +17,6 @@ import pytest
 from typer.testing import CliRunner
 
 from blip2cli.cli import app
-from blip2cli.errors import DiskFull
 from tests.test_retrieval_cli import FakeModel
 from tests.test_retrieval_store import make_images
 
@@ -62,6 +61,7 @@ def _search(idx: Path) -> list[dict]:
 
 
 def test_line_appender_never_leaves_half_a_line(tmp_path: Path, monkeypatch) -> None:
+    from blip2cli.errors import DiskFull
     from blip2cli.files import LineAppender
 
     path = tmp_path / "log.jsonl"
@@ -82,6 +82,7 @@ def test_line_appender_never_leaves_half_a_line(tmp_path: Path, monkeypatch) -> 
 
 
 def test_atomic_write_keeps_the_old_file_and_removes_the_temp_file(tmp_path: Path, monkeypatch) -> None:
+    from blip2cli.errors import DiskFull
     from blip2cli.files import atomic_write_text
 
     path = tmp_path / "scores.json"

@@ -202,7 +202,10 @@ def index_images(
     todo: list[_Todo] = []
     row_bytes = (32 + 1) * 256 * 2  # BLIP-2's query + pooled rows in float16, until the store says
     try:
-        store, enc = _open_store(index_dir, encoder, model)
+        try:
+            store, enc = _open_store(index_dir, encoder, model)
+        except KeyboardInterrupt:  # while the model loads: nothing was written
+            raise Interrupted(f"interrupted before anything was indexed into {index_dir}; rerun to start") from None
         row_bytes = (store.info.num_queries + 1) * store.info.dim * 2
         try:
             todo, seen = _diff(store, paths, report)
