@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from blip2cli.errors import DiskFull, InputError
+from blip2cli.errors import DiskFull, InputError, UsageError
 
 # No image is larger: PIL's hard pixel limit (~179 MP) as uncompressed 16-bit RGB is ~1.07 GB.
 MAX_INPUT_BYTES = 2 << 30
@@ -174,7 +174,18 @@ class LineAppender:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self._fd = os.open(self.path, flags, 0o644)  # non-blocking: a named pipe with no reader fails, not hangs
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                raise UsageError(f"cannot write {path}: not a regular file (a named pipe)") from None
+            raise
+        kind = file_kind(os.fstat(self._fd).st_mode)
+        if kind is not None:
+            os.close(self._fd)
+            raise UsageError(f"cannot write {path}: not a regular file ({kind})")
+        os.set_blocking(self._fd, True)
 
     def write(self, line: str) -> None:
         data = line.encode("utf-8")

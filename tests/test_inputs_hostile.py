@@ -249,3 +249,25 @@ def test_ask_batch_with_a_bom_and_a_folder(tmp_path: Path) -> None:
     result = runner.invoke(app, ["ask", "--batch", str(tmp_path), "--model", "none"])
     assert result.exit_code == 2
     assert "is a folder" in result.stderr and "no such file" not in result.stderr
+
+
+def test_out_file_that_is_a_pipe_or_a_device_is_refused_without_blocking(tmp_path: Path) -> None:
+    from blip2cli.jsonl import JsonlLog
+
+    os.mkfifo(tmp_path / "out.jsonl")  # no reader: a plain open for writing blocks forever
+    with pytest.raises(UsageError, match=r"not a regular file \(a named pipe\)"):
+        bounded(lambda: JsonlLog(tmp_path / "out.jsonl"), 20)
+    with pytest.raises(UsageError, match=r"not a regular file \(a device\)"):
+        bounded(lambda: JsonlLog(Path("/dev/null")), 20)
+
+
+def test_index_folder_with_an_odd_name_and_an_index_that_is_a_file(tmp_path: Path, fake_model) -> None:
+    photos = tmp_path / "photos"
+    _image(photos / "a.png", 1)
+    idx = tmp_path / os.fsdecode(b"idx?a#b%\xff")  # URI characters and a byte that is not UTF-8
+    assert runner.invoke(app, ["index", str(photos), "--index", str(idx)]).exit_code == 0
+    hits = runner.invoke(app, ["search", "a photo", "--index", str(idx), "--json"])
+    assert hits.exit_code == 0, hits.output
+    assert json.loads(hits.stdout)["path"] == str(photos / "a.png")
+    not_a_folder = runner.invoke(app, ["index", str(photos), "--index", str(photos / "a.png")])
+    assert not_a_folder.exit_code == 2 and "is a file" in not_a_folder.stderr

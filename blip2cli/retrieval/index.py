@@ -219,7 +219,7 @@ def _first_queries(store: Store, rows: np.ndarray) -> np.ndarray:
 def _update(store: Store, index_dir: Path, old: Manifest, live: np.ndarray) -> tuple[Any, np.ndarray]:
     import faiss
 
-    index = faiss.read_index(str(index_dir / old.file))
+    index = read_faiss(index_dir / old.file)
     had = np.load(index_dir / old.rows_file)
     gone = np.setdiff1d(had, live, assume_unique=True)
     new = np.setdiff1d(live, had, assume_unique=True)
@@ -243,14 +243,12 @@ class LoadedIndex:
 
     @classmethod
     def load(cls, index_dir: Path, store: Store) -> LoadedIndex:
-        import faiss
-
         for attempt in range(3):  # a concurrent `blip2 index` may replace the files between our two reads
             manifest = Manifest.read(index_dir)
             if manifest is None:
                 raise UsageError(f"{index_dir}: no index.json; run `blip2 index PHOTOS --index {index_dir}` first")
             try:
-                index = faiss.read_index(str(Path(index_dir) / manifest.file))
+                index = read_faiss(Path(index_dir) / manifest.file)
                 return cls(manifest, index, np.load(Path(index_dir) / manifest.rows_file), store)
             except (RuntimeError, FileNotFoundError):
                 if attempt == 2:
@@ -324,6 +322,14 @@ def measure_index(store: Store, loaded: LoadedIndex, n_queries: int = MEASURE_QU
         truth, _ = exact_search(store, texts, k)
         out["recall_at_10"] = round(float(np.mean([len(set(g) & set(t)) / k for g, t in zip(got, truth)])), 4)
     return out
+
+
+def read_faiss(path: Path) -> Any:
+    """faiss.read_index through a Python file: faiss takes only UTF-8 names (not `caf\\xe9/`)."""
+    import faiss
+
+    with open(path, "rb") as f:
+        return faiss.read_index(faiss.PyCallbackIOReader(f.read))
 
 
 def _remove_unreferenced(index_dir: Path, manifest: Manifest | None) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from blip2cli.errors import Failure, InputError, Interrupted
+from blip2cli.errors import Failure, InputError, Interrupted, UsageError
 from blip2cli.files import check_regular, disk_full, is_disk_full, os_error_message
 from blip2cli.retrieval import index as index_mod
 from blip2cli.retrieval.store import FileEntry, NewContent, Store, StoreInfo, sha256_file
@@ -243,6 +243,8 @@ def _open_store(
     model: str | None,
 ) -> tuple[Store, ImageEncoder | None]:
     """The store for writing, created with the model's identity if new; a differently named --model is checked."""
+    if index_dir.exists() and not index_dir.is_dir():
+        raise UsageError(f"--index: {index_dir} is a file; give a folder (a new one is created)")
     if not Store.exists(index_dir):
         enc = encoder(model or DEFAULT_MODEL)
         return Store.create(index_dir, StoreInfo(enc.name, enc.fingerprint, enc.num_queries, enc.dim)), enc
