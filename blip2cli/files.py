@@ -158,7 +158,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any], needed: int = 0) 
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if is_disk_full(exc):
+        if is_disk_full(exc, path.parent):
             raise disk_full(path, needed) from None
         raise
 

@@ -218,7 +218,7 @@ def index_images(
         finally:
             store.close()
     except (OSError, sqlite3.Error) as exc:  # DiskFull from a file written whole names that file: it passes
-        if not is_disk_full(exc):
+        if not is_disk_full(exc, index_dir):
             raise
         raise disk_full(index_dir, _space_needed(index_dir, len(todo), row_bytes)) from None
     return report

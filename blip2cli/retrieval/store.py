@@ -318,7 +318,7 @@ class Store:
         try:
             self._commit(new, mats, upsert, remove, drop_orphans)
         except (OSError, sqlite3.Error) as exc:
-            if is_disk_full(exc):  # the caller reports it (indexer: with what the whole run needs)
+            if is_disk_full(exc, self.root):  # the caller reports it (indexer: with what the whole run needs)
                 self._truncate_uncommitted()  # give back the space this batch's rows took
             raise
 

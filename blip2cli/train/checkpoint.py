@@ -285,7 +285,7 @@ def reported_faults(out: Path) -> Iterator[None]:
         remove_partial(out)
         raise interrupted(out) from None
     except Exception as exc:
-        if isinstance(exc, UsageError) or not is_disk_full(exc):
+        if isinstance(exc, UsageError) or not is_disk_full(exc, out):
             raise
         remove_partial(out)
         raise disk_full(out) from None

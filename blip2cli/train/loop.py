@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from blip2cli.config import Recipe, save_recipe
 from blip2cli.errors import UsageError
-from blip2cli.model.blip2 import Blip2
 from blip2cli.files import LineAppender, atomic_write_text
+from blip2cli.model.blip2 import Blip2
 from blip2cli.train import checkpoint as ckpt
 from blip2cli.train import sharding
 from blip2cli.train.data import Batch, TrainData, ValBatches, build_train_data, build_val_batches
