@@ -100,3 +100,18 @@ def test_disk_full_errors_are_recognised(code):
     assert not is_disk_full(OSError(errno.EACCES, "x"))
     assert is_disk_full(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"))
     assert not is_disk_full(KeyboardInterrupt())
+
+
+def test_a_library_error_on_a_disk_with_no_space_left_is_a_full_disk(tmp_path, monkeypatch):
+    """torch.save on a full disk says only "[enforce fail at inline_container.cc] unexpected pos 576 vs 534"."""
+    import shutil
+    from collections import namedtuple
+
+    from blip2cli import files
+
+    usage = namedtuple("usage", "total used free")
+    cryptic = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    assert files.is_disk_full(cryptic, tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 10**9))
+    assert not files.is_disk_full(cryptic, tmp_path)
