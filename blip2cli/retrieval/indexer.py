@@ -226,8 +226,10 @@ def index_images(
 
 def _interrupted(store: Store, index_dir: Path) -> Interrupted:
     """What Ctrl-C leaves: every committed batch is kept; search uses the index as of the last complete run."""
-    return Interrupted(f"interrupted: {store.count_files()} files are saved in {index_dir} (`blip2 search` uses its "
-                       f"last complete index until then); rerun the same command to go on")  # fmt: skip
+    built = (index_dir / index_mod.MANIFEST).is_file()
+    searchable = "`blip2 search` uses its last complete index until then" if built else "searchable once a run completes"
+    return Interrupted(f"interrupted: {store.count_files()} files are saved in {index_dir} ({searchable}); rerun the "
+                       "same command to go on")  # fmt: skip
 
 
 def _space_needed(index_dir: Path, todo: int, row_bytes: int) -> int:

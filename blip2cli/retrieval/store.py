@@ -118,7 +118,8 @@ class Store:
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):  # created by a run killed before its first commit
                 return False
-            raise UsageError(f"cannot read the index store {path}: {exc}") from None
+            full = " (the disk is full: SQLite needs a few kB beside it to read it)" if is_disk_full(exc, root) else ""
+            raise UsageError(f"cannot read the index store {path}: {exc}{full}") from None
 
     @classmethod
     def open(cls, root: Path, writable: bool = False) -> Store:
