@@ -175,11 +175,13 @@ class Chat:
 
 def read_batch(path: Path) -> list[Item]:
     """The lines of an `ask --batch` file: {"image", "question"} objects. A line that is not one becomes an error
-    record ({"line", "error"}) and the other lines still run. Blank lines are skipped."""
+    record ({"line", "error"}) and the other lines still run. Blank lines are skipped; a UTF-8 BOM is dropped."""
+    if path.is_dir():
+        raise UsageError(f"--batch: {path} is a folder; give a JSONL file with one {{\"image\", \"question\"}} a line")
     if not path.is_file():
         raise UsageError(f"--batch: no such file: {path}")
     items: list[Item] = []
-    with path.open(encoding="utf-8", errors="replace") as fh:
+    with path.open(encoding="utf-8-sig", errors="replace") as fh:  # -sig: Notepad's UTF-8 starts with a BOM
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue

@@ -114,7 +114,9 @@ def caption_images(
 
 def image_key(image: str | Path) -> str:
     """Records name images as the user spelled them; a rerun matches them by absolute path."""
-    return str(Path(image).expanduser().resolve())
+    from blip2cli.data.inputs import path_key  # issue 10: Path.resolve() raises on a symlink loop
+
+    return path_key(image)
 
 
 def open_log(out: Path, model: str, decoding: Decoding, **settings: Any) -> ResumeLog:

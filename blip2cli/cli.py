@@ -162,7 +162,7 @@ def caption(
     """
     from blip2cli import caption as job
     from blip2cli.data.inputs import expand_inputs
-    from blip2cli.render import console, emit, error, progress, table
+    from blip2cli.render import emit, error, note, progress, table
 
     paths = expand_inputs(inputs)
     decoding = Decoding(num_beams, max_new_tokens, min_new_tokens, sample, top_p, temperature, num_captions).check()
@@ -170,7 +170,7 @@ def caption(
     log = job.open_log(out, model=model, decoding=decoding, **settings) if out is not None else None
     todo = job.pending(paths, log)
     if log is not None and len(todo) < len(paths):
-        console.print(f"{len(paths) - len(todo)} of {len(paths)} images already captioned in {out}: skipped")
+        note(f"{len(paths) - len(todo)} of {len(paths)} images already captioned in {out}: skipped")
     if not todo:
         return
     net = _load(model, device, dtype, "caption", "caption")
@@ -283,7 +283,7 @@ def ask(
     """
     from blip2cli import ask as job
     from blip2cli.jsonl import JsonlLog
-    from blip2cli.render import console
+    from blip2cli.render import note
 
     tmpl = job.check_request(image=image, question=question, template=template, instruct=instruct, chat=chat,
                              batch=batch, out=out)  # fmt: skip
@@ -295,7 +295,7 @@ def ask(
         log = job.open_log(out, model=model, decoding=decoding, **settings)
         todo = job.pending(items, log)
         if len(todo) < len(items):
-            console.print(f"{len(items) - len(todo)} questions already answered in {out}: skipped")
+            note(f"{len(items) - len(todo)} questions already answered in {out}: skipped")
         items = todo
     net = _load(model, device, dtype, "answer", "ask")
     _seed(seed)
@@ -344,7 +344,7 @@ def _chat(net: Blip2, image: str, question: str | None, template: str, instruct:
 
     from blip2cli.ask import Chat
     from blip2cli.caption import image_pixels
-    from blip2cli.render import console, emit, error
+    from blip2cli.render import console, emit, error, plain
 
     pixels = image_pixels(Path(image), net.cfg.vision.image_size, net.cfg.image_mean, net.cfg.image_std)
     if isinstance(pixels, str):
@@ -370,7 +370,7 @@ def _chat(net: Blip2, image: str, question: str | None, template: str, instruct:
         if json_out:
             emit(record)
         else:
-            console.print(f"[bold]answer>[/] {answer}" if interactive else answer, highlight=False)
+            console.print(f"[bold]answer>[/] {plain(answer)}" if interactive else plain(answer), highlight=False)
         turns += 1
         question = None
     return 0, turns
@@ -404,7 +404,7 @@ def index(
     deleted files are dropped. Interrupting is safe: rerun to finish. Under `accelerate launch`, each process
     embeds a share of the files and rank 0 merges them. Exit code 1 if some images could not be read."""
     from blip2cli.data.inputs import expand_inputs
-    from blip2cli.render import emit, progress, table, warn
+    from blip2cli.render import emit, failed_input, progress, table
     from blip2cli.retrieval.indexer import index_images, load_encoder
 
     paths = expand_inputs(inputs)
@@ -415,7 +415,7 @@ def index(
     if report is None:  # a non-zero rank of a distributed run: rank 0 reports
         return
     for failure in report.failed:
-        warn(f"{failure.path}: {failure.error}")
+        failed_input(failure.path, failure.error)  # issue 10: one line, the path once
     record = report.record()
     if json_out:
         emit(record)
@@ -512,7 +512,10 @@ def _train(recipe: Path, sets: list[str], out: Path | None, resume: str | None, 
         raise UsageError(f"{recipe}: a pretraining recipe (task: pretrain): run it with `blip2 pretrain --stage "
                          f"{loaded.stage}`")
     out = out or Path("runs") / recipe.stem
-    step, main = loop.run(loaded, out=out, resume=resume, stop_after=max_steps, on_log=emit if json_out else None)
+    from blip2cli.train.checkpoint import reported_faults
+
+    with reported_faults(out):  # Ctrl-C says what was saved (exit 130); a full disk is one line (exit 1)
+        step, main = loop.run(loaded, out=out, resume=resume, stop_after=max_steps, on_log=emit if json_out else None)
     if json_out and main:
         emit({"out": str(out), "step": step})
 

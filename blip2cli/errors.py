@@ -11,6 +11,19 @@ class UsageError(Exception):
     exit_code = 2
 
 
+class DiskFull(UsageError):
+    """A write failed for lack of space (one line: "no space left on DEVICE ..."). Exit code 1: what was written
+    before is kept, nothing is half-written, and a rerun with free space goes on."""
+
+    exit_code = 1
+
+
+class Interrupted(UsageError):
+    """Ctrl-C: one line saying what was saved and how to go on. Exit code 130, the shell's code for SIGINT."""
+
+    exit_code = 130
+
+
 class InputError(Exception):
     """One input (an image, a line of a file) could not be used; the rest still run. Exit code 1 at the end."""
 

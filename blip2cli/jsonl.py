@@ -15,12 +15,12 @@ JSON object is an error.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from blip2cli.errors import UsageError
+from blip2cli.files import LineAppender, atomic_write_text, json_line
 from blip2cli.render import progress
 
 T = TypeVar("T")
@@ -71,15 +71,14 @@ class JsonlLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_file():
                 _cut_partial_line(path)
-            self.fh = path.open("a", encoding="utf-8")
+            self.fh = LineAppender(path)  # issue 10: whole lines only, DiskFull on a full disk
         except OSError as exc:
             raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
         self.path = path
         self.written = 0
 
     def write(self, record: dict[str, Any]) -> None:
-        self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.fh.flush()
+        self.fh.write(json_line(record))  # issue 10: names that are not UTF-8 as \udcXX escapes
         self.written += 1
 
     def close(self) -> None:
@@ -112,7 +111,7 @@ def check_settings(path: Path, settings: dict[str, Any], what: str) -> None:
 def save_settings(path: Path, settings: dict[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write_text(path, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -174,14 +173,9 @@ class ResumeLog(JsonlLog):
         """Rewrite the log without the error record of `k` (temp file + rename: a kill leaves the old or the new)."""
         self.fh.close()
         keep = [r for r in read_jsonl(self.path) if not ("error" in r and self.key(r) == k)]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in keep)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json_line(r) for r in keep))
         del self.failed[k]
-        self.fh = self.path.open("a", encoding="utf-8")
+        self.fh = LineAppender(self.path)
 
 
 def run_resumable(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -166,10 +167,14 @@ def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     """chmod 0 does not stop root (tests may run as root in containers), so the OS refusal is simulated."""
     path = _save(Image.new("RGB", (4, 4)), tmp_path / "secret.png")
 
-    def refuse(self: Path, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(self))
+    real_open = os.open
 
-    monkeypatch.setattr(Path, "open", refuse)
+    def refuse(name, *args, **kwargs):  # the loader opens with os.open (non-blocking: a named pipe never hangs)
+        if str(name) == str(path):
+            raise PermissionError(13, "Permission denied", str(name))
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(InputError, match="^cannot read \\(permission denied\\): .*secret.png$"):
         load_image(path)
 

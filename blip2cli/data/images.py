@@ -1,7 +1,7 @@
 """Load images the way users have them: any mode, any orientation, as an 8-bit RGB `PIL.Image`.
 
 Every failure is an `InputError` with one line naming the file ("not an image: ...", "truncated or corrupt
-image: ...", "image too large: ..."), so a caption or index run reports the file and goes on (style rule 10).
+image: ...", "image too large: ...", "not a regular file (a named pipe): ..."), so a caption or index run reports the file and goes on (style rule 10).
 No global PIL state is touched: the size limit is ours and is checked per call, and truncated files are
 detected by decoding them fully instead of setting `ImageFile.LOAD_TRUNCATED_IMAGES`.
 """
@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from blip2cli.errors import InputError
+from blip2cli.files import open_regular
 
 # PIL warns above 89,478,485 pixels and refuses above twice that. We refuse at that same hard limit: a
 # 12,000 x 12,000 scan (144 MP) still loads, a 30,000 x 30,000 "image" from a 100 kB file does not.
@@ -34,17 +35,11 @@ def load_image(path: str | Path) -> Image.Image:
     """Read an image file into 8-bit RGB, upright (EXIF orientation applied)."""
     name = str(path)
     try:
-        with Path(path).open("rb") as fp:
+        with open_regular(path) as fp:  # a named pipe, a device, a broken link: one line, never a hang
             if os.fstat(fp.fileno()).st_size == 0:
                 raise InputError(f"empty file: {name}")
             return _decode(fp, name)
-    except (FileNotFoundError, NotADirectoryError):
-        raise InputError(f"no such file: {name}") from None
-    except IsADirectoryError:
-        raise InputError(f"not an image (a folder): {name}") from None
-    except PermissionError:
-        raise InputError(f"cannot read (permission denied): {name}") from None
-    except OSError as exc:  # an I/O error on a network disk, a name too long, ...
+    except OSError as exc:  # an I/O error on a network disk, ...
         raise InputError(f"cannot read {name}: {exc.strerror or exc}") from None
 
 

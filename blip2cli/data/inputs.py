@@ -4,6 +4,10 @@
 recursively in sorted order, hidden files and folders are skipped, globs are expanded by us (so quoting works
 on every shell), and each image appears once. A named file is kept whatever its extension: `load_image`
 then says whether it is an image. Nothing matching at all is a usage error (exit 2), not an empty run.
+
+Folders and globs give every entry with an image name that is not a folder, whatever it is: a broken or looping
+symlink, a named pipe or a device is kept, and reading it (`files.open_regular`) reports it as one failed input
+while the rest go on. A named INPUT that is none of file, folder or glob is a usage error.
 """
 
 from __future__ import annotations
@@ -23,15 +27,21 @@ _GLOB_CHARS = frozenset("*?[")
 
 def expand_inputs(inputs: Sequence[str]) -> list[Path]:
     """Expand files, folders and glob patterns in input order, dropping repeats (same file by any spelling)."""
-    seen: set[Path] = set()
+    seen: set[str] = set()
     paths: list[Path] = []
     for raw in inputs:
         for path in _expand_one(raw):
-            key = path.resolve()
+            key = path_key(path)
             if key not in seen:
                 seen.add(key)
                 paths.append(path)
     return paths
+
+
+def path_key(path: str | Path) -> str:
+    """The absolute, symlink-free spelling that identifies a file (os.path.realpath, not Path.resolve(), which
+    raises on a symlink loop)."""
+    return os.path.realpath(os.path.expanduser(path))
 
 
 def is_image_name(path: Path) -> bool:
@@ -56,6 +66,8 @@ def _expand_one(raw: str) -> list[Path]:
         return _expand_glob(raw)
     if path.exists():  # a device, a socket, a named pipe: reading it could block forever
         raise UsageError(f"not a file or folder: {raw}")
+    if path.is_symlink():
+        raise UsageError(f"broken or looping symlink: {raw}")
     raise UsageError(f"no such file or folder: {raw}")
 
 
@@ -66,7 +78,7 @@ def _expand_glob(pattern: str) -> list[Path]:
     for match in map(Path, matches):
         if match.is_dir():
             found.extend(images_in_folder(match))
-        elif match.is_file() and is_image_name(match):
+        elif is_image_name(match):  # a file, or a broken link or a pipe that reading reports (as the walk does)
             found.append(match)
     if not found:
         raise UsageError(f"no images match {pattern}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blip2cli.errors import InputError, UsageError
+from blip2cli.files import atomic_write_text
 from blip2cli.jsonl import check_settings, save_settings
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def resume_log(out: Path | None, settings: dict[str, Any], name: str = "predicti
 def write_outputs(out: Path, record: dict[str, Any], predictions: list[dict[str, Any]] | dict[str, Any] | None) -> None:
     """`scores.json` (the --json record) and `predictions.json` (official result format, rescorable)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scores.json").write_text(json.dumps(record, indent=2) + "\n")
+    # issue 10: temp + rename, so a full disk leaves the previous files (never a 0-byte one) and says so in one line
+    atomic_write_text(out / "scores.json", json.dumps(record, indent=2) + "\n")
     if predictions is not None:
-        (out / "predictions.json").write_text(json.dumps(predictions, ensure_ascii=False) + "\n")
+        atomic_write_text(out / "predictions.json", json.dumps(predictions, ensure_ascii=False) + "\n")

@@ -15,14 +15,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from blip2cli.files import atomic_write, atomic_write_text, json_line, printable
 from blip2cli.retrieval.rank import Hit
 from blip2cli.retrieval.store import Store
 
@@ -55,24 +54,19 @@ def export_clip_retrieval(store: Store, out_dir: Path, partition_size: int = PAR
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, array), array.nbytes)
 
 
 def _save_metadata(folder: Path, stem: str, rows: list[dict[str, Any]]) -> None:
+    """Parquet (strings must be UTF-8: a name that is not is written with \\xNN escapes), else JSONL (\\udcXX)."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:  # parquet is an extra (`pip install blip2cli[parquet]`)
-        tmp = folder / f".{stem}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        os.replace(tmp, folder / f"{stem}.jsonl")
+        atomic_write_text(folder / f"{stem}.jsonl", "".join(json_line(r) for r in rows))
         return
-    tmp = folder / f".{stem}.parquet.tmp"
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, folder / f"{stem}.parquet")
+    table = pa.Table.from_pylist([{**r, "image_path": printable(r["image_path"])} for r in rows])
+    atomic_write(folder / f"{stem}.parquet", lambda f: pq.write_table(table, f), table.nbytes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,4 +131,4 @@ def write_html(path: Path, hits: Sequence[Hit], text: str | None = None, image: 
     if image is not None:
         subtitle = f"{len(hits)} hits · score = mean-of-max query-vector cosine"
     page = _PAGE.format(title=html.escape(title), subtitle=html.escape(subtitle), query=query, cards="\n".join(cards))
-    Path(path).write_text(page, encoding="utf-8")
+    atomic_write_text(Path(path), printable(page))  # names that are not UTF-8 shown as \\xNN

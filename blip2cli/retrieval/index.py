@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from blip2cli.errors import UsageError
+from blip2cli.files import atomic_write
 from blip2cli.retrieval.scores import exact_search, itc_scores
 from blip2cli.retrieval.store import Store, pool
 
@@ -178,9 +177,15 @@ def update_index(store: Store, index_dir: Path, key: str | None = None, measure:
         manifest.measured = measure_index(store, LoadedIndex(manifest, index, rows, store))
     elif not rebuilt:
         manifest.measured = old.measured  # an in-place update keeps the figures measured at the last rebuild
-    atomic_write(index_dir / manifest.rows_file, lambda f: np.save(f, rows))
-    atomic_write(index_dir / manifest.file, lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)))
-    manifest.write(index_dir)  # the commit point
+    try:
+        atomic_write(index_dir / manifest.rows_file, lambda f: np.save(f, rows), rows.nbytes)
+        needed = int(index.ntotal) * store.info.dim * 4  # at most float32 vectors (a Flat index)
+        atomic_write(index_dir / manifest.file, lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)),
+                     needed)  # fmt: skip
+        manifest.write(index_dir)  # the commit point
+    except BaseException:  # e.g. a full disk: the previous index (and its manifest) stay as they were
+        _remove_unreferenced(index_dir, old)
+        raise
     _remove_unreferenced(index_dir, manifest)
     return manifest
 
@@ -215,7 +220,7 @@ def _first_queries(store: Store, rows: np.ndarray) -> np.ndarray:
 def _update(store: Store, index_dir: Path, old: Manifest, live: np.ndarray) -> tuple[Any, np.ndarray]:
     import faiss
 
-    index = faiss.read_index(str(index_dir / old.file))
+    index = read_faiss(index_dir / old.file)
     had = np.load(index_dir / old.rows_file)
     gone = np.setdiff1d(had, live, assume_unique=True)
     new = np.setdiff1d(live, had, assume_unique=True)
@@ -239,14 +244,12 @@ class LoadedIndex:
 
     @classmethod
     def load(cls, index_dir: Path, store: Store) -> LoadedIndex:
-        import faiss
-
         for attempt in range(3):  # a concurrent `blip2 index` may replace the files between our two reads
             manifest = Manifest.read(index_dir)
             if manifest is None:
                 raise UsageError(f"{index_dir}: no index.json; run `blip2 index PHOTOS --index {index_dir}` first")
             try:
-                index = faiss.read_index(str(Path(index_dir) / manifest.file))
+                index = read_faiss(Path(index_dir) / manifest.file)
                 return cls(manifest, index, np.load(Path(index_dir) / manifest.rows_file), store)
             except (RuntimeError, FileNotFoundError):
                 if attempt == 2:
@@ -320,18 +323,16 @@ def measure_index(store: Store, loaded: LoadedIndex, n_queries: int = MEASURE_QU
     return out
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Write a new file next to `path`, fsync it, then rename over: readers see the old or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def read_faiss(path: Path) -> Any:
+    """faiss.read_index through a Python file: faiss takes only UTF-8 names (not `caf\\xe9/`)."""
+    import faiss
+
+    with open(path, "rb") as f:
+        return faiss.read_index(faiss.PyCallbackIOReader(f.read))
 
 
-def _remove_unreferenced(index_dir: Path, manifest: Manifest) -> None:
-    keep = {manifest.file, manifest.rows_file}
+def _remove_unreferenced(index_dir: Path, manifest: Manifest | None) -> None:
+    keep = {manifest.file, manifest.rows_file} if manifest is not None else set()
     for path in [*index_dir.glob("index-*.faiss"), *index_dir.glob("rows-*.npy"), *index_dir.glob(".*.tmp")]:
         if path.name not in keep:
             path.unlink(missing_ok=True)

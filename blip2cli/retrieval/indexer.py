@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from blip2cli.data.prefetch import prefetch
-from blip2cli.errors import Failure, InputError
+from blip2cli.errors import Failure, InputError, Interrupted, UsageError
+from blip2cli.files import check_regular, disk_full, is_disk_full, os_error_message
 from blip2cli.retrieval import index as index_mod
 from blip2cli.retrieval.store import FileEntry, NewContent, Store, StoreInfo, sha256_file
 
@@ -198,16 +200,44 @@ def index_images(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _index_sharded(paths, index_dir, encoder, index_key=index_key, export=export, **options)
     report = IndexReport(str(index_dir))
-    store, enc = _open_store(index_dir, encoder, model)
+    todo: list[_Todo] = []
+    row_bytes = (32 + 1) * 256 * 2  # BLIP-2's query + pooled rows in float16, until the store says
     try:
-        todo, seen = _diff(store, paths, report)
-        if todo:
-            enc = enc or _checked_encoder(encoder, store, model)
-            _embed(store, enc, todo, report, batch_size, workers, progress, store.has_content)
-        _finish(store, index_dir, seen, report, index_key, export)
-    finally:
-        store.close()
+        try:
+            store, enc = _open_store(index_dir, encoder, model)
+        except KeyboardInterrupt:  # while the model loads: nothing was written
+            raise Interrupted(f"interrupted before anything was indexed into {index_dir}; rerun to start") from None
+        row_bytes = (store.info.num_queries + 1) * store.info.dim * 2
+        try:
+            todo, seen = _diff(store, paths, report)
+            if todo:
+                enc = enc or _checked_encoder(encoder, store, model)
+                _embed(store, enc, todo, report, batch_size, workers, progress, store.has_content)
+            _finish(store, index_dir, seen, report, index_key, export)
+        except KeyboardInterrupt:
+            raise _interrupted(store, index_dir) from None
+        finally:
+            store.close()
+    except (OSError, sqlite3.Error) as exc:  # DiskFull from a file written whole names that file: it passes
+        if not is_disk_full(exc, index_dir):
+            raise
+        raise disk_full(index_dir, _space_needed(index_dir, len(todo), row_bytes)) from None
     return report
+
+
+def _interrupted(store: Store, index_dir: Path) -> Interrupted:
+    """What Ctrl-C leaves: every committed batch is kept; search uses the index as of the last complete run."""
+    built = (index_dir / index_mod.MANIFEST).is_file()
+    searchable = "`blip2 search` uses its last complete index until then" if built else "searchable once a run completes"
+    return Interrupted(f"interrupted: {store.count_files()} files are saved in {index_dir} ({searchable}); rerun the "
+                       "same command to go on")  # fmt: skip
+
+
+def _space_needed(index_dir: Path, todo: int, row_bytes: int) -> int:
+    """About what finishing needs: each new image's rows (query + pooled float16) and its float32 vectors in a
+    Flat index (worst case), plus a new copy of the current index file, written before the old one goes."""
+    current = sum(p.stat().st_size for p in index_dir.glob("index-*.faiss")) if index_dir.is_dir() else 0
+    return todo * (3 * row_bytes + 1024) + current
 
 
 def _open_store(
@@ -216,6 +246,8 @@ def _open_store(
     model: str | None,
 ) -> tuple[Store, ImageEncoder | None]:
     """The store for writing, created with the model's identity if new; a differently named --model is checked."""
+    if index_dir.exists() and not index_dir.is_dir():
+        raise UsageError(f"--index: {index_dir} is a file; give a folder (a new one is created)")
     if not Store.exists(index_dir):
         enc = encoder(model or DEFAULT_MODEL)
         return Store.create(index_dir, StoreInfo(enc.name, enc.fingerprint, enc.num_queries, enc.dim)), enc
@@ -330,8 +362,12 @@ def _diff(store: Store, paths: Sequence[str | Path], report: IndexReport) -> tup
     for raw in sorted({os.path.abspath(p) for p in paths}):
         try:
             st = os.stat(raw)
+            check_regular(raw, st)  # a named pipe or a link to /dev/zero is never read
         except OSError as exc:
-            report.failed.append(Failure(raw, f"cannot read {raw}: {exc.strerror or exc}"))
+            report.failed.append(Failure(raw, os_error_message(raw, exc)))
+            continue
+        except InputError as exc:
+            report.failed.append(Failure(raw, str(exc)))
             continue
         seen.add(raw)
         old = stored.get(raw)
@@ -351,6 +387,9 @@ def _prepare(item: _Todo, known: Callable[[str], bool], enc: ImageEncoder) -> _P
         out.sha256 = sha256_file(item.path)
     except OSError as exc:
         out.error = f"cannot read {item.path}: {exc.strerror or exc}"
+        return out
+    except InputError as exc:  # no longer a regular file (replaced by a pipe since the diff)
+        out.error = str(exc)
         return out
     if (item.old is not None and item.old.sha256 == out.sha256) or known(out.sha256):
         return out  # no pixels: linked to its stored row

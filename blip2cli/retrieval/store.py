@@ -24,6 +24,7 @@ import mmap
 import os
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from blip2cli.errors import UsageError
+from blip2cli.files import is_disk_full, open_regular
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -77,8 +79,9 @@ class NewContent:
 
 
 def sha256_file(path: str | Path) -> str:
+    """Raises InputError for what is not a regular file (a named pipe would block, /dev/zero never end)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -109,11 +112,14 @@ class Store:
         path = root / "store.sqlite"
         if not path.is_file():
             return False
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-            try:
+        try:
+            with contextlib.closing(_connect(path, readonly=True)) as conn:
                 return conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone() is not None
-            except sqlite3.OperationalError:  # created by a run killed before its first commit
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # created by a run killed before its first commit
                 return False
+            full = " (the disk is full: SQLite needs a few kB beside it to read it)" if is_disk_full(exc, root) else ""
+            raise UsageError(f"cannot read the index store {path}: {exc}{full}") from None
 
     @classmethod
     def open(cls, root: Path, writable: bool = False) -> Store:
@@ -121,7 +127,7 @@ class Store:
         if not cls.exists(root):
             raise UsageError(f"no index at {root}: build one with `blip2 index PHOTOS --index {root}`")
         lock = _take_lock(root) if writable else None
-        conn = _connect(root / "store.sqlite")
+        conn = _connect(root / "store.sqlite", readonly=not writable)  # a reader writes nothing (a full disk)
         meta = dict(conn.execute("SELECT key, value FROM meta"))
         if int(meta["format"]) != FORMAT:
             raise UsageError(f"{root}: store format {meta['format']} is not supported by this version ({FORMAT})")
@@ -244,7 +250,8 @@ class Store:
 
     def row_of_path(self, path: str) -> int | None:
         r = self._conn.execute(
-            "SELECT c.row FROM files f JOIN contents c ON c.sha256 = f.sha256 WHERE f.path = ?", (path,)
+            "SELECT c.row FROM files f JOIN contents c ON c.sha256 = f.sha256 WHERE f.path = CAST(? AS TEXT)",
+            (_db_path(path),),
         ).fetchone()
         return None if r is None else r[0]
 
@@ -309,6 +316,15 @@ class Store:
         A kill before the final COMMIT leaves the store exactly as before this call (the appended bytes are past
         the committed row count and are truncated when a writer next opens the store)."""
         assert self._lock is not None, "store opened read-only"
+        try:
+            self._commit(new, mats, upsert, remove, drop_orphans)
+        except (OSError, sqlite3.Error) as exc:
+            if is_disk_full(exc, self.root):  # the caller reports it (indexer: with what the whole run needs)
+                self._truncate_uncommitted()  # give back the space this batch's rows took
+            raise
+
+    def _commit(self, new: Sequence[NewContent], mats: np.ndarray | None, upsert: Sequence[FileEntry],
+                remove: Sequence[str], drop_orphans: bool) -> None:  # fmt: skip
         first = self.next_row
         if new:
             assert mats is not None and mats.shape == (len(new), self.info.num_queries, self.info.dim), mats.shape
@@ -321,10 +337,10 @@ class Store:
                 [(c.sha256, first + i, c.width, c.height) for i, c in enumerate(new)],
             )
             conn.executemany(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
-                [(e.path, e.size, e.mtime_ns, e.sha256) for e in upsert],
+                "INSERT OR REPLACE INTO files VALUES (CAST(? AS TEXT), ?, ?, ?)",
+                [(_db_path(e.path), e.size, e.mtime_ns, e.sha256) for e in upsert],
             )
-            conn.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in remove])
+            conn.executemany("DELETE FROM files WHERE path = CAST(? AS TEXT)", [(_db_path(p),) for p in remove])
             dropped = 0
             for sha in (old | touched) if drop_orphans else ():
                 dropped += conn.execute(
@@ -346,8 +362,8 @@ class Store:
     def _shas_of(self, paths: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for i in range(0, len(paths), _SQL_CHUNK):
-            part = list(paths[i : i + _SQL_CHUNK])
-            sql = f"SELECT sha256 FROM files WHERE path IN ({','.join('?' * len(part))})"
+            part = [_db_path(p) for p in paths[i : i + _SQL_CHUNK]]
+            sql = f"SELECT sha256 FROM files WHERE path IN ({','.join(['CAST(? AS TEXT)'] * len(part))})"
             found.update(r[0] for r in self._conn.execute(sql, part))
         return found
 
@@ -397,14 +413,47 @@ def _prefetch(mm: mmap.mmap, offsets: np.ndarray, row_bytes: int) -> None:
         mm.madvise(mmap.MADV_WILLNEED, start, (int(run[-1]) + 1) * row_bytes - start)
 
 
+def _db_path(path: str) -> bytes:
+    """A path as SQLite TEXT: its bytes on disk (UTF-8 for every valid name, so older stores read the same), bound
+    as a blob and CAST to TEXT, as a name that is not UTF-8 cannot be bound as a Python str."""
+    return os.fsencode(path)
+
+
+def _text(data: bytes) -> str:
+    """Read TEXT back the way Python names files: undecodable bytes as surrogates, so `open()` finds the file."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _uri(path: Path, immutable: bool = False) -> str:
+    """A read-only SQLite URI; the name is %-quoted (a folder called `a?b#c` or one that is not UTF-8)."""
+    return f"file:{urllib.parse.quote(os.fsencode(path))}?mode=ro{'&immutable=1' if immutable else ''}"
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A reader. On a full disk SQLite cannot create the WAL index (-shm) a reader needs (SQLITE_IOERR_SHMSIZE);
+    when no -wal file holds commits not yet in the database, the file alone is complete, and is read as immutable."""
+    options = {"uri": True, "isolation_level": None, "check_same_thread": False}
+    conn = sqlite3.connect(_uri(path), **options)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        wal = path.with_name(path.name + "-wal")
+        if "I/O error" not in str(exc) or (wal.exists() and wal.stat().st_size > 0):
+            raise
+    return sqlite3.connect(_uri(path, immutable=True), **options)
+
+
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+        conn = _connect_readonly(path)
     else:
         conn = sqlite3.connect(path, isolation_level=None)  # autocommit; transactions are explicit
         conn.execute("PRAGMA journal_mode = WAL")  # readers (search, decode workers) never block the writer
         conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA busy_timeout = 10000")
+    conn.text_factory = _text
     return conn
 
 

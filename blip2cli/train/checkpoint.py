@@ -20,7 +20,8 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -29,7 +30,8 @@ import torch
 from torch import Tensor
 
 from blip2cli.config import ModelConfig, Recipe, save_recipe
-from blip2cli.errors import UsageError
+from blip2cli.errors import Interrupted, UsageError
+from blip2cli.files import disk_full, is_disk_full
 from blip2cli.model.blip2 import Blip2
 from blip2cli.model.load import LLM_TOKENIZER_DIR, QFORMER_TOKENIZER_DIR, RUN_RECIPE, RUN_WEIGHTS
 from blip2cli.train.sharding import full
@@ -67,16 +69,24 @@ def step_dir(out: Path, step: int) -> Path:
 
 
 def step_dirs(out: Path) -> list[Path]:
-    """Complete step folders, oldest first."""
+    """Complete step folders, oldest first (a folder gets its name only once complete: `.step-N.tmp/` before)."""
     if not out.is_dir():
         return []
     found = [p for p in out.iterdir() if p.is_dir() and _STEP.match(p.name) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
+def remove_partial(out: Path) -> None:
+    """Delete `.step-N.tmp/` folders: saves cut short (a kill, a full disk); they are never resumed from."""
+    if out.is_dir():
+        for tmp in out.glob(".step-*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def find_resume(out: Path, resume: str | None) -> Path | None:
     """`--resume auto`: the newest step folder in `out`, or None to start fresh. `--resume PATH`: that folder.
     Without --resume, an `out` that already holds checkpoints is an error (nothing is overwritten)."""
+    remove_partial(out)
     existing = step_dirs(out)
     if resume is None:
         if existing:
@@ -209,8 +219,22 @@ def restore_rng(folder: Path, rank: int) -> None:
 
 def save_checkpoint(acc, folder: Path, model: Blip2, recipe: Recipe, state: TrainerState,
                     optimizer: torch.optim.Optimizer, scaler) -> None:
-    """Write a complete step folder (every rank calls this: each saves its random state)."""
+    """Write a complete step folder (every rank calls this: each saves its random state). It is written as
+    `.step-N.tmp/` and renamed when complete; a save that fails (a full disk) removes it and raises DiskFull."""
     tmp = folder.with_name(f".{folder.name}.tmp")
+    try:
+        _save_into(acc, tmp, folder, model, recipe, state, optimizer, scaler)
+    except BaseException as exc:
+        full = is_disk_full(exc, folder.parent)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial save took
+        if full:
+            raise disk_full(folder, _checkpoint_bytes(folder.parent, model)) from None
+        raise
+
+
+def _save_into(acc, tmp: Path, folder: Path, model: Blip2, recipe: Recipe, state: TrainerState,
+               optimizer: torch.optim.Optimizer, scaler) -> None:  # fmt: skip
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -228,6 +252,43 @@ def save_checkpoint(acc, folder: Path, model: Blip2, recipe: Recipe, state: Trai
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     acc.wait_for_everyone()
+
+
+def _checkpoint_bytes(out: Path, model: Blip2) -> int:
+    """What one step folder takes: the newest complete one's size, else the trainable weights with Adam's two
+    moments (x3)."""
+    done = step_dirs(out)
+    if done:
+        return sum(p.stat().st_size for p in done[-1].rglob("*") if p.is_file())
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def interrupted(out: Path, step: int | None = None) -> Interrupted:
+    """The line for Ctrl-C during training: which checkpoint is saved and how to go on from it."""
+    done = step_dirs(out)
+    at = f" at step {step}" if step is not None else ""
+    if not done:
+        return Interrupted(f"interrupted{at}: no checkpoint saved yet in {out} (one is saved every "
+                           "train.save_every steps); rerun the same command to start again")  # fmt: skip
+    saved = TrainerState.read(done[-1]).step
+    return Interrupted(f"interrupted{at}: the last checkpoint is {done[-1]} (step {saved}); rerun with "
+                       f"--resume auto --out {out} to go on from it")  # fmt: skip
+
+
+@contextmanager
+def reported_faults(out: Path) -> Iterator[None]:
+    """Around a training run: Ctrl-C says what was saved and how to go on (exit 130); a full disk outside a
+    checkpoint save (metrics.jsonl, TensorBoard) is one line (exit 1). Partial step folders are removed."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        remove_partial(out)
+        raise interrupted(out) from None
+    except Exception as exc:
+        if isinstance(exc, UsageError) or not is_disk_full(exc, out):
+            raise
+        remove_partial(out)
+        raise disk_full(out) from None
 
 
 def write_run_dir(folder: Path, model: Blip2, recipe: Recipe, weights: dict[str, Tensor]) -> None:
@@ -261,8 +322,14 @@ def write_final(out: Path, folder: Path) -> Path:
         except OSError:
             shutil.copy2(src, dst)
 
-    shutil.copytree(folder, final, copy_function=link,
-                    ignore=shutil.ignore_patterns(OPTIMIZER_FILE, SCALER_FILE, "rng_state_*"))
+    try:
+        shutil.copytree(folder, final, copy_function=link,
+                        ignore=shutil.ignore_patterns(OPTIMIZER_FILE, SCALER_FILE, "rng_state_*"))
+    except BaseException as exc:  # copies where links are refused can fill the disk: no half `final/`
+        shutil.rmtree(final, ignore_errors=True)
+        if is_disk_full(exc, out):
+            raise disk_full(final, sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())) from None
+        raise
     return final
 
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from blip2cli.config import Recipe, save_recipe
 from blip2cli.errors import UsageError
+from blip2cli.files import LineAppender, atomic_write_text
 from blip2cli.model.blip2 import Blip2
 from blip2cli.train import checkpoint as ckpt
 from blip2cli.train import sharding
@@ -244,7 +245,7 @@ def _prepare_out(acc, out: Path, recipe: Recipe, step: int, resume_dir: Path | N
         if metrics.is_file():
             lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
             kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step] if resume_dir else []
-            metrics.write_text("".join(ln + "\n" for ln in kept))
+            atomic_write_text(metrics, "".join(ln + "\n" for ln in kept))  # issue 10: never lost on a full disk
     acc.wait_for_everyone()
 
 
@@ -259,9 +260,9 @@ def _describe(model: Blip2, recipe: Recipe, state: ckpt.TrainerState, accumulati
 
 
 def _note(message: str) -> None:
-    from blip2cli.render import console
+    from blip2cli.render import note
 
-    console.print(message, soft_wrap=True)
+    note(message)  # issue 10: paths are not read as markup
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,7 +357,7 @@ class _Logger:
 
     def __init__(self, acc, out: Path, on_log: LogFn | None) -> None:
         self.main, self.on_log = acc.is_main_process, on_log
-        self.file = (out / "metrics.jsonl").open("a") if self.main else None
+        self.file = LineAppender(out / "metrics.jsonl") if self.main else None  # issue 10: whole lines only
         self.tb = None
         if self.main:
             try:
@@ -370,7 +371,6 @@ class _Logger:
         if not self.main:
             return
         self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
