@@ -241,7 +241,7 @@ def test_caption_hostile_folder(hostile: Path, tmp_path: Path, tiny_opt_dir: Pat
 
 
 def test_ask_batch_with_a_bom_and_a_folder(tmp_path: Path) -> None:
-    from blip2cli.caption import BatchQuestion, read_batch
+    from blip2cli.ask import BatchQuestion, read_batch
 
     batch = tmp_path / "questions.jsonl"
     batch.write_bytes(b'\xef\xbb\xbf{"image": "x.png", "question": "what is it?"}\n')  # Notepad's "UTF-8"
