@@ -23,7 +23,7 @@ def emit(record: dict[str, Any]) -> None:
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {message}")
+    console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
 
 
 def error(message: str) -> None:
