@@ -873,8 +873,8 @@ def capfilt(
                                       "shards that recipes read. A rerun finishes the job.")],
     captioner: Annotated[str, typer.Option("--captioner", help="The model that samples captions (any --model).")] = (
         "Salesforce/blip2-opt-2.7b"),
-    scorer: Annotated[str, typer.Option("--scorer", help="The model whose ITC ranks the texts (any --model with "
-                                        "ITC/ITM heads).")] = "Salesforce/blip2-itm-vit-g",
+    scorer: Annotated[str, typer.Option("--scorer", help="The model whose ITC ranks the texts: any --model with "
+                                        "ITC/ITM heads, or a CLIP model (openai/clip-vit-large-patch14, as the paper).")] = "Salesforce/blip2-itm-vit-g",
     num_samples: Annotated[int, typer.Option("--num-samples", min=0, help="Captions sampled per image.")] = 10,
     keep: Annotated[int, typer.Option("--keep", min=1, help="Texts kept per image, best first.")] = 2,
     prompt: Annotated[str, typer.Option("--prompt", help='The captioner\'s prompt, e.g. "a picture of".')] = "",
@@ -904,6 +904,7 @@ def capfilt(
     torchrun / accelerate launch each process takes a share. Exit code 1 if some images could not be read."""
     from blip2cli.capfilt.job import CapfiltSettings
     from blip2cli.capfilt.job import capfilt as run_capfilt
+    from blip2cli.capfilt.scorers import Blip2Scorer, load_scorer
     from blip2cli.capfilt.sources import read_sources
     from blip2cli.model.load import load_model
     from blip2cli.render import emit, progress, table, warn
@@ -914,8 +915,9 @@ def capfilt(
         seed=seed, captioner=captioner, scorer=scorer,
     )  # fmt: skip
     groups = read_sources(inputs, shard_size, images)
-    scoring = load_model(scorer, device, dtype)
-    captioning = scoring if captioner == scorer else load_model(captioner, device, dtype)
+    scoring = load_scorer(scorer, device, dtype, need_itm=settings.filter == "itm")
+    same = captioner == scorer and isinstance(scoring, Blip2Scorer)  # a stage-1 model can do both: load it once
+    captioning = scoring.model if same else load_model(captioner, device, dtype)
     try:
         report = run_capfilt(captioning, scoring, groups, settings, out, batch_size=batch_size, progress=progress,
                              warn=warn)

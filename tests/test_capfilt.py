@@ -273,3 +273,71 @@ def test_the_wrong_models_and_changed_settings_are_refused_before_any_work(
     assert result.exit_code == 2 and "other settings (num_samples differ)" in result.output
     result = runner.invoke(app, ["capfilt", str(photos), "--out", str(out), "--keep", "0"])
     assert result.exit_code == 2
+
+
+def _tiny_clip(out: Path) -> Path:
+    """A random CLIPModel with a byte-level BPE tokenizer (EOS appended) and CLIP's image processor, saved with
+    `save_pretrained` as the openai/clip-* repos are."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+
+    from tests.tiny import CORPUS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(out)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=40, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def test_a_clip_scorer_ranks_as_transformers_clip_does(tiny_opt_dir, photos, tmp_path):
+    from PIL import Image
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    clip_dir = _tiny_clip(tmp_path / "clip")
+    out = tmp_path / "clip.jsonl"
+    _capfilt(tiny_opt_dir, clip_dir, [str(photos / "web.jsonl")], out, "--num-samples", "3", "--keep", "2")
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    processor, tok = CLIPImageProcessor.from_pretrained(clip_dir), AutoTokenizer.from_pretrained(clip_dir)
+    for record in _records(out)[:3]:
+        candidates = []
+        for text in [record["original"], *record["samples"]]:
+            if clean_caption(text) and clean_caption(text) not in map(clean_caption, candidates):
+                candidates.append(text)
+        with torch.no_grad():
+            img = model.get_image_features(**processor(images=Image.open(record["image"]), return_tensors="pt"))
+            txt = model.get_text_features(**tok(candidates, padding=True, truncation=True, max_length=40,
+                                                  return_tensors="pt"))
+        img, txt = (x if isinstance(x, torch.Tensor) else x.pooler_output for x in (img, txt))
+        cos = torch.nn.functional.cosine_similarity(txt, img, dim=-1).tolist()
+        best = sorted(range(len(candidates)), key=lambda i: (-cos[i], i))[:2]
+        assert record["captions"] == [candidates[i] for i in best]
+        assert record["scores"] == pytest.approx([cos[i] for i in best], abs=1e-5)
+    result = runner.invoke(app, ["capfilt", str(photos), "--out", str(tmp_path / "f.jsonl"), "--scorer",
+                                 str(clip_dir), "--filter", "itm"])
+    assert result.exit_code == 2 and "needs an ITM head" in result.output
+
+
+def test_capfilt_jsonl_reads_as_training_data(tmp_path, photos):
+    from blip2cli.data.datasets import read_jsonl
+
+    rows = [{"image": "img00.jpg", "original": "x", "captions": ["a red circle", "a blob"], "scores": [0.3, 0.2]},
+            {"image": "img01.jpg", "original": None, "captions": [], "scores": []}]  # all filtered out
+    (photos / "capfilt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_jsonl(photos / "capfilt.jsonl", photos)
+    assert [r.captions for r in records] == [("a red circle", "a blob")]

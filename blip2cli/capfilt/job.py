@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from blip2cli.capfilt.output import JsonlOutput, ShardOutput
+from blip2cli.capfilt.scorers import Scorer
 from blip2cli.capfilt.sources import Group, Item
 from blip2cli.config import GenerationOptions
 from blip2cli.data.images import load_image, load_image_bytes
@@ -119,15 +120,12 @@ def image_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-def check_models(captioner: Blip2, scorer: Blip2, settings: CapfiltSettings) -> None:
-    """What the job needs, checked before any image is read."""
-    if settings.num_samples and captioner.llm is None and not captioner.cfg.qformer.text:
+def check_captioner(captioner: Blip2, settings: CapfiltSettings) -> None:
+    """What the job needs of the captioner, checked before any image is read (the scorer checks itself)."""
+    if settings.num_samples and captioner.llm is None and (not captioner.cfg.qformer.text or
+                                                           captioner.tokenizer is None):
         raise UsageError(f"--captioner {captioner.name}: this model cannot caption (use a captioning model such as "
                          f"{DEFAULT_CAPTIONER}, or a stage-1 model with its Q-Former text decoder)")
-    needed = ["vision_proj", "text_proj"] + (["itm_head"] if settings.filter == "itm" else [])
-    if any(getattr(scorer, n, None) is None for n in needed) or scorer.tokenizer is None:
-        raise UsageError(f"--scorer {scorer.name}: this model has no ITC/ITM heads (use a retrieval model such as "
-                         f"{DEFAULT_SCORER} or Salesforce/blip2-itm-vit-g-coco, or a stage-1 run)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,7 +134,7 @@ def check_models(captioner: Blip2, scorer: Blip2, settings: CapfiltSettings) -> 
 
 def capfilt(
     captioner: Blip2,
-    scorer: Blip2,
+    scorer: Scorer,
     groups: Sequence[Group],
     settings: CapfiltSettings,
     out: Path,
@@ -149,7 +147,7 @@ def capfilt(
     """Caption, score and keep; write to `out` (a .jsonl file, else a folder of shards). Under torchrun / accelerate
     launch (WORLD_SIZE > 1) each process takes every WORLD_SIZE-th batch (JSONL) or group (shards); rank 0 merges
     and reports, the other ranks return None."""
-    check_models(captioner, scorer, settings)
+    check_captioner(captioner, settings)
     rank, world = _rank_world()
     sink = JsonlOutput(out, settings.record(), rank, world) if out.suffix == ".jsonl" else \
         ShardOutput(out, settings.record(), rank, world)
@@ -178,12 +176,11 @@ def _rank_world() -> tuple[int, int]:
 
 
 def _results(
-    captioner: Blip2, scorer: Blip2, work: list[tuple[Group, list[Item]]], settings: CapfiltSettings,
+    captioner: Blip2, scorer: Scorer, work: list[tuple[Group, list[Item]]], settings: CapfiltSettings,
     report: CapfiltReport, workers: int, warn: Callable[[str], None],
 ) -> Iterator[tuple[Group, Item, Result | None]]:
     """(group, item, result) for every image of every batch, in order; None: the image could not be used."""
-    specs = {_pixel_spec(captioner), _pixel_spec(scorer)}
-    for group, batch in _decoded(work, specs, workers):
+    for group, batch in _decoded(work, captioner, scorer, workers):
         good = [(item, px) for item, px in batch if not isinstance(px, str)]
         results = iter(process_batch(captioner, scorer, good, settings) if good else [])
         for item, px in batch:
@@ -195,55 +192,59 @@ def _results(
             yield group, item, next(results)
 
 
-def _pixel_spec(model: Blip2) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
-    return model.cfg.vision.image_size, tuple(model.cfg.image_mean), tuple(model.cfg.image_std)
-
-
-def _decoded(work, specs, workers) -> Iterator[tuple[Group, list[tuple[Item, dict | str]]]]:
+def _decoded(work, captioner: Blip2, scorer: Scorer, workers: int
+             ) -> Iterator[tuple[Group, list[tuple[Item, Pixels | str]]]]:
     """Batches with their images decoded and resized in background threads, two batches ahead of the model."""
     pool = ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="blip2-capfilt")
     pending: list[list[Future]] = []
     try:
         for group, batch in work[:2]:
-            pending.append([pool.submit(_pixels, item, specs) for item in batch])
+            pending.append([pool.submit(_pixels, item, captioner, scorer) for item in batch])
         for i, (group, batch) in enumerate(work):
             decoded = [f.result() for f in pending.pop(0)]
             if i + 2 < len(work):
-                pending.append([pool.submit(_pixels, item, specs) for item in work[i + 2][1]])
+                pending.append([pool.submit(_pixels, item, captioner, scorer) for item in work[i + 2][1]])
             yield group, list(zip(batch, decoded))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _pixels(item: Item, specs) -> dict | str:
-    """{spec: (3, S, S)} for each model's preprocessing, or the one-line reason the image cannot be used."""
+@dataclass
+class Pixels:
+    captioner: torch.Tensor  # (3, S, S)
+    scorer: torch.Tensor  # (3, S', S'), the same tensor when both models preprocess alike
+
+
+def _pixels(item: Item, captioner: Blip2, scorer: Scorer) -> Pixels | str:
+    """Each model's input, or the one-line reason the image cannot be used."""
     try:
         image = load_image(item.path) if item.data is None else load_image_bytes(item.data, item.name)
     except InputError as exc:
         return str(exc)
     except OSError as exc:
         return f"cannot read: {exc.strerror or exc}"
-    return {spec: eval_pixels([image], spec[0], spec[1], spec[2])[0] for spec in specs}
+    c = captioner.cfg
+    spec = ("blip2", c.vision.image_size, tuple(c.image_mean), tuple(c.image_std))
+    px = eval_pixels([image], spec[1], spec[2], spec[3])[0]
+    return Pixels(px, px if scorer.key == spec else scorer.prepare(image))
 
 
 @torch.no_grad()
 def process_batch(
-    captioner: Blip2, scorer: Blip2, batch: Sequence[tuple[Item, dict]], settings: CapfiltSettings
+    captioner: Blip2, scorer: Scorer, batch: Sequence[tuple[Item, Pixels]], settings: CapfiltSettings
 ) -> list[Result]:
     """The three steps for a batch of decoded images: sample, score, keep."""
-    cap_px = torch.stack([px[_pixel_spec(captioner)] for _, px in batch])
+    cap_px = torch.stack([px.captioner for _, px in batch])  # (B, 3, S, S)
     samples = sample_captions(captioner, cap_px, [item.key for item, _ in batch], settings)
-    score_embeds = scorer.vision_embeds(torch.stack([px[_pixel_spec(scorer)] for _, px in batch]))  # (B, N, Dv)
-    image_feats = scorer.image_features(score_embeds)  # (B, Q, 256)
+    images = scorer.images(torch.stack([px.scorer for _, px in batch]))  # one pass, shared by every text
     results = []
     for b, (item, _) in enumerate(batch):
         texts, sources = candidates(item.original, samples[b])
-        itc = itc_scores(image_feats[b : b + 1], scorer.text_features([clean_caption(t) for t in texts]))[0]  # (T,)
-        itm = None
-        if settings.filter == "itm":
-            logits = scorer.itm_logits(score_embeds[b : b + 1].expand(len(texts), -1, -1),
-                                       [clean_caption(t) for t in texts])
-            itm = logits.float().softmax(dim=-1)[:, 1]  # (T,) match probability
+        if not texts:  # no original and every sample empty: nothing to keep
+            results.append(Result(item, [], [], [], list(samples[b])))
+            continue
+        itc = scorer.itc(images, b, texts)  # (T,) best query's cosine
+        itm = scorer.itm(images, b, texts) if settings.filter == "itm" else None  # (T,) match probability
         results.append(select(item, texts, sources, itc, itm, samples[b], settings))
     return results
 
@@ -268,11 +269,6 @@ def sample_captions(captioner: Blip2, pixels: torch.Tensor, keys: Sequence[str],
                 texts = qformer_generate(captioner, embeds[b : b + 1], options)[0]
         out.append([t.strip() for t in texts])
     return out
-
-
-def itc_scores(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
-    """(I, Q, D) x (T, D) -> (I, T): the best query's cosine for each text (BLIP-2's ITC similarity)."""
-    return torch.einsum("iqd,td->iqt", image_feats.float(), text_feats.float()).amax(dim=1)
 
 
 def candidates(original: str | None, samples: Sequence[str]) -> tuple[list[str], list[str]]:
