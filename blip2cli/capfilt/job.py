@@ -122,8 +122,8 @@ def image_seed(seed: int, key: str) -> int:
 
 def check_captioner(captioner: Blip2, settings: CapfiltSettings) -> None:
     """What the job needs of the captioner, checked before any image is read (the scorer checks itself)."""
-    if settings.num_samples and captioner.llm is None and (not captioner.cfg.qformer.text or
-                                                           captioner.tokenizer is None):
+    if settings.num_samples and captioner.llm is None and (captioner.tokenizer is None or
+                                                           captioner.qformer.cls is None):
         raise UsageError(f"--captioner {captioner.name}: this model cannot caption (use a captioning model such as "
                          f"{DEFAULT_CAPTIONER}, or a stage-1 model with its Q-Former text decoder)")
 
