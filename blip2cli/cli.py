@@ -704,6 +704,81 @@ def eval_retrieval(
     _eval_report(record, json_out)
 
 
+@command(app)
+def capfilt(
+    inputs: Annotated[list[str], typer.Argument(help="Webdataset .tar shards (or a folder of them), a COCO/LAVIS "
+                                                "json, a JSONL of {image, caption}, image files, folders or globs.")],
+    out: Annotated[Path, typer.Option("--out", help="FILE.jsonl (one line per image) or a folder of webdataset "
+                                      "shards that recipes read. A rerun finishes the job.")],
+    captioner: Annotated[str, typer.Option("--captioner", help="The model that samples captions (any --model).")] = (
+        "Salesforce/blip2-opt-2.7b"),
+    scorer: Annotated[str, typer.Option("--scorer", help="The model whose ITC ranks the texts: any --model with "
+                                        "ITC/ITM heads, or a CLIP model (openai/clip-vit-large-patch14, as the paper).")] = "Salesforce/blip2-itm-vit-g",
+    num_samples: Annotated[int, typer.Option("--num-samples", min=0, help="Captions sampled per image.")] = 10,
+    keep: Annotated[int, typer.Option("--keep", min=1, help="Texts kept per image, best first.")] = 2,
+    prompt: Annotated[str, typer.Option("--prompt", help='The captioner\'s prompt, e.g. "a picture of".')] = "",
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 0.9,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest caption, in tokens.")] = 30,
+    min_new_tokens: Annotated[int, typer.Option("--min-new-tokens", min=0, help="Shortest caption.")] = 5,
+    filter_: Annotated[str, typer.Option("--filter", help="none, or itm: drop texts the scorer's ITM head "
+                                         "judges unmatched (BLIP v1's filter).")] = "none",
+    threshold: Annotated[float, typer.Option("--threshold", help="ITM match probability a text needs with "
+                                             "--filter itm.")] = 0.5,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed (each image is seeded from it and its key).")] = 0,
+    images: Annotated[Path | None, typer.Option("--images", help="Image root of annotation files (default: the "
+                                                "file's folder).")] = None,
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per output shard for inputs that "
+                                            "are not shards.")] = 1000,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Bootstrap captions for web images (CapFilt): sample captions, rank them with the original text, keep the best.
+
+    For each image, --num-samples nucleus-sampled captions from --captioner compete with the original text (a
+    shard's txt/json caption, an annotation's caption) under --scorer's ITC (max over the 32 queries); the top
+    --keep are written best first, with their scores. Interrupting is safe, even kill -9: rerun to finish. Under
+    torchrun / accelerate launch each process takes a share. Exit code 1 if some images could not be read."""
+    from blip2cli.capfilt.job import CapfiltSettings
+    from blip2cli.capfilt.job import capfilt as run_capfilt
+    from blip2cli.capfilt.scorers import Blip2Scorer, load_scorer
+    from blip2cli.capfilt.sources import read_sources
+    from blip2cli.model.load import load_model
+    from blip2cli.render import emit, progress, table, warn
+
+    settings = CapfiltSettings(
+        num_samples=num_samples, keep=keep, prompt=prompt, top_p=top_p, temperature=temperature,
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, filter=filter_, threshold=threshold,
+        seed=seed, captioner=captioner, scorer=scorer,
+    )  # fmt: skip
+    groups = read_sources(inputs, shard_size, images)
+    scoring = load_scorer(scorer, device, dtype, need_itm=settings.filter == "itm")
+    same = captioner == scorer and isinstance(scoring, Blip2Scorer)  # a stage-1 model can do both: load it once
+    captioning = scoring.model if same else load_model(captioner, device, dtype)
+    try:
+        report = run_capfilt(captioning, scoring, groups, settings, out, batch_size=batch_size, progress=progress,
+                             warn=warn)
+    except KeyboardInterrupt:
+        from blip2cli.render import error
+
+        error(f"interrupted; finished work is saved in {out}, rerun the same command to go on")
+        raise typer.Exit(130) from None
+    if report is None:  # a non-zero rank of a distributed run: rank 0 reports
+        return
+    record = report.record()
+    if json_out:
+        emit(record)
+    else:
+        table("capfilt", ["out", "images", "kept", "dropped", "failed", "skipped", "images/s"],
+              [[record["out"], record["images"], record["kept"], record["dropped"], len(record["failed"]),
+                record["skipped"], record["images_per_s"]]])
+    if report.failed:
+        warn(f"{len(report.failed)} images or shard members could not be used (each is named above)")
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -139,12 +139,21 @@ def read_lavis_json(path: Path, image_root: Path) -> list[Record]:
 def read_jsonl(path: Path, image_root: Path) -> list[Record]:
     """JSON Lines of `{image, caption}` (caption may be a list) or `{image, question, answers}`, not mixed."""
     rows = [_parse_line(line, path, number) for number, line in enumerate(_read_text(path).splitlines(), 1)]
-    rows = [(number, row) for number, row in enumerate(rows, 1) if row is not None]
+    rows = [(number, _capfilt_row(row)) for number, row in enumerate(rows, 1) if row is not None]
+    rows = [(number, row) for number, row in rows if row is not None]
     is_vqa = bool(rows) and isinstance(rows[0][1], dict) and "question" in rows[0][1]
     keys = ("image", "question", "answers") if is_vqa else ("image", "caption")
     checked = [_require(row, keys, f"{path} line {number}") for number, row in rows]
     records = _question_records(checked, image_root) if is_vqa else _caption_records(checked, image_root)
     return _checked(records, path, image_root)
+
+
+def _capfilt_row(row: Any) -> Any:
+    """`blip2 capfilt` records carry `captions: [...]` (the kept texts, one sampled per step) instead of `caption`;
+    an image whose every text was filtered out (`captions: []`) is left out."""
+    if isinstance(row, dict) and "caption" not in row and isinstance(row.get("captions"), list):
+        return {**row, "caption": row["captions"]} if row["captions"] else None
+    return row
 
 
 def read_folder(folder: Path) -> list[Record]:

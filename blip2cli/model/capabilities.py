@@ -31,8 +31,8 @@ def has(model: Any, need: Need) -> bool:
     return tokenizer and all(getattr(model, h, None) is not None for h in heads)
 
 
-def require(model: Any, need: Need, job: str, name: str) -> None:
+def require(model: Any, need: Need, job: str, name: str, flag: str = "--model") -> None:
     """One line (exit 2) naming the kind of model `job` needs and the official ids that provide it."""
     if not has(model, need):
         kind, lacks, ids = WHAT[need]
-        raise UsageError(f"--model {name}: {job} needs {kind} (this one has {lacks}), e.g. {ids}")
+        raise UsageError(f"{flag} {name}: {job} needs {kind} (this one has {lacks}), e.g. {ids}")
