@@ -540,15 +540,12 @@ MaxStepsOpt = Annotated[
 
 
 def _train(recipe: Path, sets: list[str], out: Path | None, resume: str | None, max_steps: int | None,
-           json_out: bool, stage: int | None) -> None:
+           json_out: bool, stage: int | None, command: Literal["pretrain", "finetune"]) -> None:
     """Shared body of pretrain and finetune: load and check the recipe, train, report."""
-    from blip2cli.config import load_recipe
+    from blip2cli.config import load_training_recipe
     from blip2cli.render import emit
 
-    loaded = load_recipe(recipe, [*sets, f"stage={stage}"] if stage else sets)
-    if stage is None and loaded.task == "pretrain":
-        raise UsageError(f"{recipe}: a pretraining recipe (task: pretrain): run it with `blip2 pretrain --stage "
-                         f"{loaded.stage}`")
+    loaded = load_training_recipe(recipe, sets, command, stage)
     out = out or Path("runs") / recipe.stem
     from blip2cli.train.loop import run
 
@@ -574,7 +571,7 @@ def pretrain(
     OUT/step-N/ every train.save_every steps (each loadable with --model), OUT/final/, metrics.jsonl and
     TensorBoard logs. --json prints one line per logging step and a last line {"out", "step"}.
     """
-    _train(recipe, sets or [], out, resume, max_steps, json_out, stage)
+    _train(recipe, sets or [], out, resume, max_steps, json_out, stage, "pretrain")
 
 
 @command(app)
@@ -590,7 +587,7 @@ def finetune(
 
     Same outputs and options as `blip2 pretrain`.
     """
-    _train(recipe, sets or [], out, resume, max_steps, json_out, None)
+    _train(recipe, sets or [], out, resume, max_steps, json_out, None, "finetune")
 
 
 def _eval_model(name: str, device: str, dtype: str) -> tuple[Any, Callable[[list[Path]], Any]]:
