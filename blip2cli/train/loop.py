@@ -252,8 +252,9 @@ def _describe(model: Blip2, recipe: Recipe, state: ckpt.TrainerState, accumulati
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     where = f"resuming at step {state.step} from {resume_dir}" if resume_dir else "starting at step 0"
-    _note(f"{recipe.name}: training {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters; {world} process(es) "
-          f"x {recipe.train.micro_batch_size} samples x {accumulation} accumulation = "
+    cpu = "" if torch.cuda.is_available() else f" ({torch.get_num_threads()} CPU threads each)"
+    _note(f"{recipe.name}: training {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters; {world} process(es)"
+          f"{cpu} x {recipe.train.micro_batch_size} samples x {accumulation} accumulation = "
           f"{recipe.train.global_batch_size} per step; {where}")
 
 
