@@ -564,8 +564,8 @@ def _train(recipe: Path, sets: list[str], out: Path | None, resume: str | None, 
 @command(app)
 def pretrain(
     recipe: RecipeArg,
-    stage: Annotated[int, typer.Option("--stage", min=1, max=2, help="1: ITC + ITM + ITG on the Q-Former; "
-                                       "2: LM loss through the frozen LLM.")],
+    stage: Annotated[int | None, typer.Option("--stage", min=1, max=2, help="1: ITC + ITM + ITG on the "
+                     "Q-Former; 2: LM loss through the frozen LLM. Default: the recipe's stage.")] = None,
     sets: SetOpt = None,
     out: TrainOutOpt = None,
     resume: ResumeOpt = None,

@@ -55,3 +55,18 @@ def test_stage_defaults_to_the_recipes_and_overrides_it(tmp_path):
 def test_finetune_through_the_cli_with_the_data_absent(tmp_path):
     result = runner.invoke(app, ["finetune", str(_recipe(tmp_path))])
     assert result.exit_code == 2 and "blip2 pretrain --stage 1" in result.stderr
+
+
+def test_pretrain_without_stage_runs_the_recipes_stage_and_a_finished_run_has_nothing_left(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # recipes/tiny_cpu.yaml's data paths are relative
+    args = ["pretrain", "recipes/tiny_cpu.yaml", "--out", str(tmp_path), "--json", "--set", "train.max_steps=2",
+            "--set", "train.warmup_steps=1", "--set", "train.save_every=2", "--set", "train.log_every=1"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.stderr
+    assert json.loads(first.stdout.splitlines()[-1]) == {"out": str(tmp_path), "step": 2} and "stage 1" in first.stderr
+    again = runner.invoke(app, [*args, "--resume", "auto"])
+    assert again.exit_code == 0, again.stderr
+    assert "nothing left to do" in again.stderr and again.stdout.splitlines() == [first.stdout.splitlines()[-1]]
+    assert runner.invoke(app, args).exit_code == 2  # without --resume, checkpoints are still never overwritten

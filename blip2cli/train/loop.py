@@ -79,7 +79,8 @@ class Objective(nn.Module):
 def run(recipe: Recipe, out: Path, resume: str | None = None, stop_at: int | None = None,
         on_log: LogFn | None = None) -> tuple[int, bool]:
     """Train `recipe` into `out`; returns (last step, whether this is the main process). `resume`: None,
-    "auto" or a step folder. `stop_at`: stop after this optimizer step (the schedule still spans max_steps)."""
+    "auto" or a step folder; one already at the last step returns at once. `stop_at`: stop after this optimizer
+    step (the schedule still spans max_steps)."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import GradientAccumulationPlugin, set_seed
 
@@ -97,8 +98,10 @@ def run(recipe: Recipe, out: Path, resume: str | None = None, stop_at: int | Non
                          f"--set train.max_steps=N to lengthen the schedule), got {stop}")
     resume_dir = ckpt.find_resume(out, resume)
     previous = ckpt.TrainerState.read(resume_dir) if resume_dir else None
-    if previous is not None and previous.step >= stop:
-        raise UsageError(f"{resume_dir} is at step {previous.step}: nothing left to do up to step {stop}")
+    if previous is not None and previous.step >= stop:  # a finished run: rerunning its command is not an error
+        if layout.is_main_process:
+            _note(f"{resume_dir} is at step {previous.step}: nothing left to do up to step {stop}")
+        return previous.step, layout.is_main_process
     seq2seq = _is_seq2seq(recipe)
     mixed, frozen_dtype = _precision(recipe, cuda, seq2seq)
 
