@@ -515,7 +515,7 @@ def search(
     if result.skipped:
         warn(f"skipped {len(result.skipped)} indexed files that no longer exist (rerun `blip2 index` to drop them)")
     if html is not None:
-        write_html(html, result.hits, query, image)
+        write_html(html, result.hits, query, image, model=result.model, index=index_dir)
     if json_out:
         for hit in result.hits:
             emit(hit.record())

@@ -49,6 +49,7 @@ class SearchResult:
     hits: list[Hit]
     skipped: list[str] = field(default_factory=list)  # indexed files that no longer exist (or failed to re-load)
     stale_index: bool = False  # the store changed after the index was written (an interrupted `blip2 index`)
+    model: str = ""  # the model that embedded the query (the index's own unless another was asked for)
 
 
 class QueryEncoder(Protocol):
@@ -98,6 +99,7 @@ def search_index(
         if dedup_threshold is not None:
             result.hits = dedup(store, result.hits, dedup_threshold)
         result.stale_index = loaded.stale
+        result.model = enc.name
     return result
 
 
