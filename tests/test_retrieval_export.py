@@ -22,7 +22,7 @@ def test_the_page_links_names_and_describes(tmp_path):
     long_dir = tmp_path / "holiday-photos-2024-with-a-long-name"
     first = _photo(long_dir, "beach & sea #1.png")
     second = _photo(tmp_path, "dog.png")
-    hits = [Hit(1, str(first), 1.5, 0.4, 1.1), Hit(2, str(second), 0.9, 0.3, 0.6)]
+    hits = [Hit(1, str(first), 1.5, 0.4, 1.1), Hit(2, str(second), 0.9, 0.3, 0.6, ("/backup/dog.png",))]
     page = tmp_path / "hits.html"
     write_html(page, hits, "a red square", model="Salesforce/blip2-itm-vit-g", index=tmp_path / "pics.idx")
     text = page.read_text()
@@ -30,6 +30,7 @@ def test_the_page_links_names_and_describes(tmp_path):
     assert 'alt="beach &amp; sea #1.png"' in text and 'alt="dog.png"' in text
     assert "a red square" in text and "model Salesforce/blip2-itm-vit-g" in text and f"index {tmp_path}/pics.idx" in text
     assert "<span>holiday-photos-2024-with-a-long-name</span>/<wbr><span>beach &amp; sea #1.png</span>" in text
+    assert 'same file: <span></span>/<wbr><span>backup</span>/<wbr><span>dog.png</span>' in text
     assert "break-all" not in text and re.search(r"\.path span \{ white-space: nowrap; \}", text)
 
 

@@ -132,7 +132,8 @@ def write_html(path: Path, hits: Sequence[Hit], text: str | None = None, image: 
         cards.append(
             f'<div class="hit">{picture}<div><span class="rank">#{hit.rank}</span>'
             f'<span class="score">{hit.score:.4f}</span></div>{nums}'
-            f'<div class="path" title="{html.escape(hit.path, quote=True)}">{_path_html(hit.path)}</div></div>'
+            f'<div class="path" title="{html.escape(hit.path, quote=True)}">{_path_html(hit.path)}</div>'
+            + "".join(f'<div class="path copy">same file: {_path_html(c)}</div>' for c in hit.copies) + "</div>"
         )
     query = ""
     if image is not None:
