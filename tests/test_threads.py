@@ -63,6 +63,7 @@ def test_configure_sets_the_environment_for_torch_and_children(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", type("FakeTorch", (), {"set_num_threads": staticmethod(lambda n: None)}))
     environ: dict[str, str] = {}
     assert threads.configure(None, environ) == 8 and environ["OMP_NUM_THREADS"] == "8"
+    assert "OMP_WAIT_POLICY" not in environ  # torch already loaded: too late to change how OpenMP waits
     kept = {"OMP_NUM_THREADS": "3"}
     assert threads.configure(None, kept) is None and kept == {"OMP_NUM_THREADS": "3"}
     assert threads.configure(1, kept) == 1 and kept["OMP_NUM_THREADS"] == "1"
@@ -77,3 +78,13 @@ def _cpu_threads(*args: str, **env: str) -> int:
 
 def test_the_cli_sets_torchs_threads():
     assert _cpu_threads("--threads", "1", OMP_NUM_THREADS="2") == 1  # the flag wins, before torch loads
+
+
+def test_idle_threads_sleep_unless_told_otherwise(monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    environ: dict[str, str] = {"OMP_NUM_THREADS": "2"}
+    threads.configure(None, environ)
+    assert environ == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    active = {"OMP_WAIT_POLICY": "ACTIVE"}
+    threads.configure(1, active)
+    assert active == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"}
