@@ -70,8 +70,9 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
     threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="CPU threads for torch. Default: OMP_NUM_THREADS when "
-                                 "set, else the physical cores; 1 is often faster on a machine busy with other jobs.")
+        int | None, typer.Option("--threads", min=1, metavar="N", help="CPU threads for torch. Default: "
+                                 "OMP_NUM_THREADS when set, else the physical cores; 1 is often faster on a machine "
+                                 "busy with other jobs.")
     ] = None,
 ) -> None:
     """BLIP-2 from the terminal."""
