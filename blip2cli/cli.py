@@ -74,8 +74,16 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, metavar="N", help="CPU threads for torch. Default: "
+                                 "OMP_NUM_THREADS when set, else the physical cores; 1 is often faster on a machine "
+                                 "busy with other jobs.")
+    ] = None,
 ) -> None:
     """BLIP-2 from the terminal."""
+    from blip2cli import threads as cpu_threads
+
+    cpu_threads.configure(threads)
 
 
 @command(app)
@@ -469,7 +477,7 @@ def search(
     if result.skipped:
         warn(f"skipped {len(result.skipped)} indexed files that no longer exist (rerun `blip2 index` to drop them)")
     if html is not None:
-        write_html(html, result.hits, query, image)
+        write_html(html, result.hits, query, image, model=result.model, index=index_dir)
     if json_out:
         for hit in result.hits:
             emit(hit.record())
@@ -501,19 +509,16 @@ MaxStepsOpt = Annotated[
 
 
 def _train(recipe: Path, sets: list[str], out: Path | None, resume: str | None, max_steps: int | None,
-           json_out: bool, stage: int | None) -> None:
+           json_out: bool, stage: int | None, command: Literal["pretrain", "finetune"]) -> None:
     """Shared body of pretrain and finetune: load and check the recipe, train, report."""
-    from blip2cli.config import load_recipe
+    from blip2cli.config import load_training_recipe
     from blip2cli.render import emit
     from blip2cli.train import loop
 
-    loaded = load_recipe(recipe, sets, stage=stage)
-    if stage is None and loaded.task == "pretrain":
-        raise UsageError(f"{recipe}: a pretraining recipe (task: pretrain): run it with `blip2 pretrain --stage "
-                         f"{loaded.stage}`")
-    out = out or Path("runs") / recipe.stem
     from blip2cli.train.checkpoint import reported_faults
 
+    loaded = load_training_recipe(recipe, sets, command, stage)
+    out = out or Path("runs") / recipe.stem
     with reported_faults(out):  # Ctrl-C says what was saved (exit 130); a full disk is one line (exit 1)
         step, main = loop.run(loaded, out=out, resume=resume, stop_after=max_steps, on_log=emit if json_out else None)
     if json_out and main:
@@ -523,8 +528,8 @@ def _train(recipe: Path, sets: list[str], out: Path | None, resume: str | None, 
 @command(app)
 def pretrain(
     recipe: RecipeArg,
-    stage: Annotated[int, typer.Option("--stage", min=1, max=2, help="1: ITC + ITM + ITG on the Q-Former; "
-                                       "2: LM loss through the frozen LLM.")],
+    stage: Annotated[int | None, typer.Option("--stage", min=1, max=2, help="1: ITC + ITM + ITG on the "
+                     "Q-Former; 2: LM loss through the frozen LLM. Default: the recipe's stage.")] = None,
     sets: SetOpt = None,
     out: TrainOutOpt = None,
     resume: ResumeOpt = None,
@@ -537,7 +542,7 @@ def pretrain(
     OUT/step-N/ every train.save_every steps (each loadable with --model), OUT/final/, metrics.jsonl and
     TensorBoard logs. --json prints one line per logging step and a last line {"out", "step"}.
     """
-    _train(recipe, sets or [], out, resume, max_steps, json_out, stage)
+    _train(recipe, sets or [], out, resume, max_steps, json_out, stage, "pretrain")
 
 
 @command(app)
@@ -553,7 +558,7 @@ def finetune(
 
     Same outputs and options as `blip2 pretrain`.
     """
-    _train(recipe, sets or [], out, resume, max_steps, json_out, None)
+    _train(recipe, sets or [], out, resume, max_steps, json_out, None, "finetune")
 
 
 def _eval_report(record: dict[str, Any], json_out: bool) -> None:

@@ -556,6 +556,21 @@ def load_recipe(
     return recipe
 
 
+def load_training_recipe(path: str | Path, overrides: list[str], command: Literal["pretrain", "finetune"],
+                         stage: int | None = None) -> Recipe:
+    """The recipe `blip2 pretrain` / `blip2 finetune` runs. `stage` (--stage) defaults to the recipe's own. The
+    command is matched to the recipe's task before any data path is checked, so running a recipe with the wrong
+    command says so even where its data is absent."""
+    recipe = load_recipe(path, overrides, check_files=False, stage=stage)
+    if command == "finetune" and recipe.task == "pretrain":
+        raise UsageError(f"{path}: a pretraining recipe (task: pretrain): run it with `blip2 pretrain --stage "
+                         f"{recipe.stage}`")
+    if command == "pretrain" and recipe.task != "pretrain":
+        raise UsageError(f"{path}: a fine-tuning recipe (task: {recipe.task}): run it with `blip2 finetune`")
+    recipe.check_files()
+    return recipe
+
+
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """The resolved recipe as YAML that `load_recipe` reads back to an equal `Recipe`."""
     import yaml

@@ -98,7 +98,8 @@ h1 {{ font-size: 20px; margin: 0 0 4px; }} .sub {{ color: #666; margin-bottom: 1
 .hit {{ background: #fff; border: 1px solid #ddd; border-radius: 8px; padding: 8px; }}
 .hit img {{ width: 100%; height: 200px; object-fit: contain; background: #eee; border-radius: 4px; }}
 .rank {{ font-weight: 600; }} .score {{ float: right; font-variant-numeric: tabular-nums; }}
-.path {{ color: #555; font-size: 12px; word-break: break-all; }} .nums {{ color: #777; font-size: 12px; }}
+.path {{ color: #555; font-size: 12px; overflow: hidden; text-overflow: ellipsis; }}
+.path span {{ white-space: nowrap; }} .hit a {{ display: block; }} .nums {{ color: #777; font-size: 12px; }}
 .missing {{ height: 200px; display: flex; align-items: center; justify-content: center; background: #eee; }}
 </style></head><body>
 <h1>{title}</h1><div class="sub">{subtitle}</div>{query}
@@ -108,27 +109,53 @@ h1 {{ font-size: 20px; margin: 0 0 4px; }} .sub {{ color: #666; margin-bottom: 1
 """
 
 
-def write_html(path: Path, hits: Sequence[Hit], text: str | None = None, image: Path | None = None) -> None:
-    """A self-contained page (thumbnails inlined as base64 JPEG) of search hits with their scores."""
+def write_html(path: Path, hits: Sequence[Hit], text: str | None = None, image: Path | None = None, *,
+               model: str | None = None, index: Path | None = None) -> None:
+    """A self-contained page (thumbnails inlined as base64 JPEG, each linking to its original file) of search hits
+    with their scores, naming the query, the model and the index."""
     cards = []
     for hit in hits:
         uri = thumbnail_data_uri(hit.path)
-        picture = f'<img src="{uri}" alt="">' if uri else '<div class="missing">cannot read image</div>'
+        name = html.escape(Path(hit.path).name, quote=True)
+        picture = f'<img src="{uri}" alt="{name}">' if uri else '<div class="missing">cannot read image</div>'
+        link = _file_link(hit.path)
+        if link is not None:
+            picture = f'<a href="{link}">{picture}</a>'
         itm = "" if hit.itm is None else f" · itm {hit.itm:.3f}"
         nums = "" if image is not None else f'<div class="nums">itc {hit.itc:.4f}{itm}</div>'  # image: score only
         cards.append(
             f'<div class="hit">{picture}<div><span class="rank">#{hit.rank}</span>'
             f'<span class="score">{hit.score:.4f}</span></div>{nums}'
-            f'<div class="path">{html.escape(hit.path)}</div></div>'
+            f'<div class="path" title="{html.escape(hit.path, quote=True)}">{_path_html(hit.path)}</div>'
+            + "".join(f'<div class="path copy">same file: {_path_html(c)}</div>' for c in hit.copies) + "</div>"
         )
     query = ""
     if image is not None:
         uri = thumbnail_data_uri(image, 320)
-        query = f'<div class="query"><img src="{uri}" alt="query image">query image</div>' if uri else ""
+        alt = html.escape(f"query image {Path(image).name}", quote=True)
+        query = f'<div class="query"><img src="{uri}" alt="{alt}">query image</div>' if uri else ""
     title = f"blip2 search: {text}" if text is not None else f"blip2 search: images like {Path(image or '').name}"
     reranked = any(h.itm is not None for h in hits)
     subtitle = f"{len(hits)} hits · score = {'ITM logit + ITC cosine' if reranked else 'ITC cosine (max over queries)'}"
     if image is not None:
         subtitle = f"{len(hits)} hits · score = mean-of-max query-vector cosine"
+    if model is not None:
+        subtitle += f" · model {model}"
+    if index is not None:
+        subtitle += f" · index {index}"
     page = _PAGE.format(title=html.escape(title), subtitle=html.escape(subtitle), query=query, cards="\n".join(cards))
     atomic_write_text(Path(path), printable(page))  # names that are not UTF-8 shown as \\xNN
+
+
+def _file_link(path: str) -> str | None:
+    """A file:// URL for the original image (absolute, percent-encoded), or None where a path has no URL form."""
+    try:
+        return html.escape(Path(path).resolve().as_uri(), quote=True)
+    except ValueError:
+        return None
+
+
+def _path_html(path: str) -> str:
+    """The path with line breaks allowed only after a separator: each part stays whole on its line."""
+    parts = [f"<span>{html.escape(part)}</span>" for part in path.split("/")]
+    return "/<wbr>".join(parts)

@@ -12,6 +12,7 @@ other, and averaging both directions makes it symmetric with sim(A, A) = 1. It i
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,10 +40,12 @@ class Hit:
     score: float
     itc: float
     itm: float | None
+    copies: tuple[str, ...] = ()  # other existing files with the same bytes (one content, so one hit)
 
     def record(self) -> dict[str, Any]:
-        """The contract's JSON line: {"rank", "path", "score", "itc", "itm"}."""
-        return {"rank": self.rank, "path": self.path, "score": self.score, "itc": self.itc, "itm": self.itm}
+        """The contract's JSON line: {"rank", "path", "score", "itc", "itm"}, plus "copies" when there are any."""
+        record = {"rank": self.rank, "path": self.path, "score": self.score, "itc": self.itc, "itm": self.itm}
+        return record | {"copies": list(self.copies)} if self.copies else record
 
 
 @dataclass
@@ -50,6 +53,7 @@ class SearchResult:
     hits: list[Hit]
     skipped: list[str] = field(default_factory=list)  # indexed files that no longer exist (or failed to re-load)
     stale_index: bool = False  # the store changed after the index was written (an interrupted `blip2 index`)
+    model: str = ""  # the model that embedded the query (the index's own unless another was asked for)
 
 
 class QueryEncoder(Protocol):
@@ -90,15 +94,28 @@ def search_index(
             except InputError as exc:
                 raise UsageError(f"--image: {exc}") from None
             query = enc.embed([enc.prepare(picture)])[0]  # (Q, D)
-            result = search_image(store, loaded, query, k)
+            run = functools.partial(search_image, store, loaded, query)
         else:
             assert text is not None
             itm_fn = None if rerank_k is None else (lambda paths: enc.itm(paths, text))
-            result = search_text(store, loaded, enc.text([text])[0], k, rerank_k or 0, itm_fn)
-        if dedup_threshold is not None:
-            result.hits = dedup(store, result.hits, dedup_threshold)
+            run = functools.partial(search_text, store, loaded, enc.text([text])[0], rerank_k=rerank_k or 0,
+                                    itm_fn=itm_fn)
+        result = run(k=k) if dedup_threshold is None else _refilled(store, run, k, dedup_threshold)
         result.stale_index = loaded.stale
+        result.model = enc.name
     return result
+
+
+def _refilled(store: Store, run: Callable[[int], SearchResult], k: int, threshold: float) -> SearchResult:
+    """`run(k=n)` for the top n, deduplicated; n grows until k hits survive or the collection has no more."""
+    want = 2 * k
+    while True:
+        result = run(k=want)
+        kept = dedup(store, result.hits, threshold)
+        if len(kept) >= k or len(result.hits) < want:
+            result.hits = kept[:k]
+            return result
+        want *= 4
 
 
 def search_text(
@@ -115,12 +132,12 @@ def search_text(
     need = max(k, rerank_k) if itm_fn is not None else k
     found, skipped = _ranked_live(store, index, text[None], need, lambda m: itc_scores(m, text), exists)
     if itm_fn is None:
-        return SearchResult([Hit(i + 1, p, s, s, None) for i, (p, s) in enumerate(found[:k])], skipped)
-    itm = np.asarray(itm_fn([p for p, _ in found]), dtype=np.float64)  # (B,)
-    scored = [(p, float(m) + c, c, float(m)) for (p, c), m in zip(found, itm) if not np.isnan(m)]
-    skipped += [p for (p, _), m in zip(found, itm) if np.isnan(m)]
+        return SearchResult([Hit(i + 1, p, s, s, None, cp) for i, (p, s, cp) in enumerate(found[:k])], skipped)
+    itm = np.asarray(itm_fn([p for p, _, _ in found]), dtype=np.float64)  # (B,)
+    scored = [(p, float(m) + c, c, float(m), cp) for (p, c, cp), m in zip(found, itm) if not np.isnan(m)]
+    skipped += [p for (p, _, _), m in zip(found, itm) if np.isnan(m)]
     scored.sort(key=lambda h: -h[1])
-    return SearchResult([Hit(i + 1, p, s, c, m) for i, (p, s, c, m) in enumerate(scored[:k])], skipped)
+    return SearchResult([Hit(i + 1, p, s, c, m, cp) for i, (p, s, c, m, cp) in enumerate(scored[:k])], skipped)
 
 
 def search_image(
@@ -128,7 +145,7 @@ def search_image(
 ) -> SearchResult:
     """Top-k images for a query image's (Q, D) matrix by the symmetric mean-of-max similarity (module docstring)."""
     found, skipped = _ranked_live(store, index, query, k, lambda m: image_scores(m, query), exists)
-    return SearchResult([Hit(i + 1, p, s, s, None) for i, (p, s) in enumerate(found)], skipped)
+    return SearchResult([Hit(i + 1, p, s, s, None, cp) for i, (p, s, cp) in enumerate(found)], skipped)
 
 
 def _ranked_live(
@@ -138,23 +155,25 @@ def _ranked_live(
     need: int,
     score: Callable[[np.ndarray], np.ndarray],
     exists: Callable[[str], bool],
-) -> tuple[list[tuple[str, float]], list[str]]:
-    """The `need` best (path, score) whose file still exists, scored exactly; widens the candidate pool when stale
-    files eat into it. A content held by several paths is one hit, under its first existing path."""
+) -> tuple[list[tuple[str, float, tuple[str, ...]]], list[str]]:
+    """The `need` best (path, score, copies) whose file still exists, scored exactly; widens the candidate pool
+    when stale files eat into it. A content held by several paths is one hit, under its first existing path, with
+    the other existing paths as its copies."""
     want = need + 8
     while True:
         rows = index.candidates(vectors, want)
         scores = score(store.queries(rows))
         order = np.argsort(-scores, kind="stable")
         paths = store.paths(rows)
-        found: list[tuple[str, float]] = []
+        found: list[tuple[str, float, tuple[str, ...]]] = []
         skipped: list[str] = []
         for i in order:
             held = paths.get(int(rows[i]), [])  # empty: the content was dropped after the index was written
             live = next((p for p in held if exists(p)), None)
             skipped += [p for p in held if live is None]
             if live is not None:
-                found.append((live, float(scores[i])))
+                copies = tuple(p for p in held if p != live and exists(p))
+                found.append((live, float(scores[i]), copies))
                 if len(found) == need:
                     break
         if len(found) == need or len(rows) < want:  # enough, or the index has nothing more to give
@@ -164,7 +183,7 @@ def _ranked_live(
 
 def dedup(store: Store, hits: list[Hit], threshold: float = 0.94) -> list[Hit]:
     """Drop near-duplicates among hits (pooled cosine >= threshold with a better hit), as clip-retrieval does;
-    ranks are renumbered. Byte-identical files are already one hit."""
+    ranks are renumbered. Byte-identical files are already one hit, which lists them as its copies."""
     if not hits:
         return hits
     rows = np.array([store.row_of_path(h.path) for h in hits], dtype=np.int64)
@@ -174,4 +193,5 @@ def dedup(store: Store, hits: list[Hit], threshold: float = 0.94) -> list[Hit]:
     for i in range(len(hits)):
         if not kept or float((vecs[kept] @ vecs[i]).max()) < threshold:
             kept.append(i)
-    return [Hit(n + 1, hits[i].path, hits[i].score, hits[i].itc, hits[i].itm) for n, i in enumerate(kept)]
+    return [Hit(n + 1, hits[i].path, hits[i].score, hits[i].itc, hits[i].itm, hits[i].copies)
+            for n, i in enumerate(kept)]

@@ -80,8 +80,8 @@ class Objective(nn.Module):
 def run(recipe: Recipe, out: Path, resume: str | None = None, stop_after: int | None = None,
         on_log: LogFn | None = None) -> tuple[int, bool]:
     """Train `recipe` into `out`; returns (last step, whether this is the main process). `resume`: None,
-    "auto" or a step folder. `stop_after` (`--max-steps`): stop after this optimizer step; the LR schedule still
-    spans `train.max_steps`, so a resumed run continues it exactly."""
+    "auto" or a step folder (one already at the last step returns at once). `stop_after` (`--max-steps`): stop
+    after this optimizer step; the LR schedule still spans `train.max_steps`, so a resumed run continues it exactly."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import GradientAccumulationPlugin, set_seed
 
@@ -99,8 +99,10 @@ def run(recipe: Recipe, out: Path, resume: str | None = None, stop_after: int | 
                          f"--set train.max_steps=N to lengthen the schedule), got {stop}")
     resume_dir = ckpt.find_resume(out, resume)
     previous = ckpt.TrainerState.read(resume_dir) if resume_dir else None
-    if previous is not None and previous.step >= stop:
-        raise UsageError(f"{resume_dir} is at step {previous.step}: nothing left to do up to step {stop}")
+    if previous is not None and previous.step >= stop:  # a finished run: rerunning its command is not an error
+        if layout.is_main_process:
+            _note(f"{resume_dir} is at step {previous.step}: nothing left to do up to step {stop}")
+        return previous.step, layout.is_main_process
     seq2seq = _is_seq2seq(recipe)
     mixed, frozen_dtype = _precision(recipe, cuda, seq2seq)
 
@@ -254,8 +256,9 @@ def _describe(model: Blip2, recipe: Recipe, state: ckpt.TrainerState, accumulati
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     where = f"resuming at step {state.step} from {resume_dir}" if resume_dir else "starting at step 0"
-    _note(f"{recipe.name}: training {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters; {world} process(es) "
-          f"x {recipe.train.micro_batch_size} samples x {accumulation} accumulation = "
+    cpu = "" if torch.cuda.is_available() else f" ({torch.get_num_threads()} CPU threads each)"
+    _note(f"{recipe.name}: training {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters; {world} process(es)"
+          f"{cpu} x {recipe.train.micro_batch_size} samples x {accumulation} accumulation = "
           f"{recipe.train.global_batch_size} per step; {where}")
 
 
