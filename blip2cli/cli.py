@@ -545,7 +545,7 @@ def _train(recipe: Path, sets: list[str], out: Path | None, resume: str | None, 
     from blip2cli.config import load_recipe
     from blip2cli.render import emit
 
-    loaded = load_recipe(recipe, [*sets, f"stage={stage}"] if stage else sets)
+    loaded = load_recipe(recipe, sets, stage=stage)
     if stage is None and loaded.task == "pretrain":
         raise UsageError(f"{recipe}: a pretraining recipe (task: pretrain): run it with `blip2 pretrain --stage "
                          f"{loaded.stage}`")
