@@ -108,7 +108,8 @@ def safe_torch_load(path: Path) -> dict:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" not in str(exc).lower() or "unsupported operand" in str(exc).lower():  # garbage bytes
+        text = str(exc).lower()
+        if "weights only" not in text or "unsupported operand" in text:  # garbage bytes, not a refused object
             raise UsageError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
         raise UsageError(
             f"{path}: refused to load: this pickle holds objects other than tensors and plain containers, and loading it "
