@@ -425,7 +425,8 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", *, 
 
         if path.suffix in (".yaml", ".yml"):  # a LAVIS checkpoint with its ViT and LLM named
             spec = read_model_file(path)
-            return load_lavis(Path(spec.checkpoint), args, name_or_path, spec.vision, spec.llm, spec.tokenizer)
+            return load_lavis(Path(spec.checkpoint), args, name_or_path, spec.vision, spec.llm, spec.tokenizer,
+                              spec.architecture)
         if path.suffix in (".pth", ".pt", ".bin"):
             return load_lavis(path, args, name_or_path, vision, llm)
         raise UsageError(f"{path}: not a checkpoint file (expected a LAVIS .pth, a model .yaml or a model folder)")

@@ -112,8 +112,8 @@ def safe_torch_load(path: Path) -> dict:
         if "weights only" not in text or "unsupported operand" in text:  # garbage bytes, not a refused object
             raise UsageError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
         raise UsageError(
-            f"{path}: refused to load: this pickle holds objects other than tensors and plain containers, and loading it "
-            "could run code; convert it to safetensors with a tool you trust"
+            f"{path}: refused to load: this pickle holds objects other than tensors and plain containers, and "
+            "loading it could run code; convert it to safetensors with a tool you trust"
         ) from None
     except Exception as exc:  # noqa: BLE001 - any failure to parse a user's file is that file's fault
         raise UsageError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
