@@ -96,7 +96,8 @@ def test_retrieval_annotations_with_non_string_captions(tmp_path: Path, caption:
     ([[0, 1, 2], []], None, "i2t[1]: expected a non-empty list of text indices, got list []"),
     ([[0, 1, 2], "0 1 2"], None, "i2t[1]: expected a non-empty list of text indices, got str"),
     ([[0, 1, 2], [2, 0, 1]], [[0, 1], [1, 0], [0, 0]], "t2i[2]: the same image index appears more than once"),
-    ([[0, 1, 2], [2, 0, 1]], [[0, 1], [1, 0], [2]], "t2i[2][0]: 2 is not one of the 2 image indices (an integer from 0 to 1)"),
+    ([[0, 1, 2], [2, 0, 1]], [[0, 1], [1, 0], [2]],
+     "t2i[2][0]: 2 is not one of the 2 image indices (an integer from 0 to 1)"),
     ([[0, 1, 2], [2, 0, 1.5]], None, "i2t[1][2]: 1.5 is not one of the 3 text indices"),
 ])
 def test_retrieval_rankings_out_of_range_or_ill_typed(tmp_path: Path, i2t, t2i, message: str) -> None:
