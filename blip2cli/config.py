@@ -137,6 +137,12 @@ class ModelConfig:
     image_std: tuple[float, float, float] = CLIP_STD
     init: str = ""  # a checkpoint (anything --model accepts) whose matching weights initialise the model
 
+    def __post_init__(self) -> None:
+        if not all(0 < s <= 10 for s in self.image_std):
+            raise UsageError(f"model.image_std: expected three values in (0, 10], got {list(self.image_std)}")
+        if not all(-10 <= m <= 10 for m in self.image_mean):
+            raise UsageError(f"model.image_mean: expected three values in [-10, 10], got {list(self.image_mean)}")
+
 
 @dataclass
 class GenerationOptions:

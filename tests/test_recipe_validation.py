@@ -50,6 +50,8 @@ BAD = [  # --set, what the one line names
     ("model.qformer.max_text_len=1000", "model.qformer.max_text_len: expected an integer from 1 to 64"),
     ("data.train[0].weight=.inf", "data.train[0].weight: expected a finite number"),
     ("data.crop_scale=[.nan, 1]", "data.crop_scale[0]: expected a finite number"),
+    ("model.image_std=[0.5, 0, 0.5]", "model.image_std: expected three values in (0, 10]"),
+    ("model.image_mean=[0.5, .inf, 0.5]", "model.image_mean[1]: expected a finite number"),
 ]
 
 

@@ -66,7 +66,7 @@ def one_line(result, code: int = 2) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("case", ["empty", "header length 2^62", "truncated body", "shape/size mismatch"])
+@pytest.mark.parametrize("case", VARIANTS)
 def test_corrupt_model_folder_through_the_cli(tmp_path: Path, tiny_opt_dir: Path, case: str) -> None:
     model = tmp_path / "model"
     shutil.copytree(tiny_opt_dir, model)
