@@ -301,10 +301,16 @@ def model_config_from_yaml(path: Path) -> ModelConfig:
     """The `model:` section of a saved recipe (a run directory's recipe.yaml)."""
     import yaml
 
-    raw = yaml.safe_load(Path(path).read_text())
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise UsageError(f"{path}: not valid YAML") from None
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: not a recipe (expected a mapping)")
-    return from_dict(ModelConfig, raw.get("model"), "model")
+    try:
+        return from_dict(ModelConfig, raw.get("model"), "model")
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc}") from None
 
 
 _ = typing  # typing is imported for get_type_hints on string annotations

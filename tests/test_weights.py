@@ -112,3 +112,24 @@ def test_unreadable_pth_is_one_line(tmp_path: Path, data: bytes) -> None:
     with pytest.raises(UsageError, match="not a readable PyTorch checkpoint") as info:
         safe_torch_load(path)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("recipe,message", [("model: [unclosed", "not valid YAML"),
+                                            ("model:\n  vision:\n    heads: 0\n", "model.vision.heads: expected")])
+def test_a_run_folder_with_a_broken_recipe_is_one_line(tmp_path: Path, recipe: str, message: str) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(recipe)
+    (run / "model.safetensors").write_bytes(_file(GOOD, bytes(16)))
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    result = runner.invoke(app, ["caption", str(tmp_path / "a.png"), "--model", str(run), "--device", "cpu"])
+    line = one_line(result)
+    assert "recipe.yaml" in line and message in line
+
+
+def test_a_lavis_file_whose_model_holds_no_tensors_is_one_line(tmp_path: Path) -> None:
+    torch.save({"model": {"query_tokens": "not a tensor"}}, tmp_path / "odd.pth")
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    result = runner.invoke(app, ["caption", str(tmp_path / "a.png"), "--model", str(tmp_path / "odd.pth"),
+                                 "--device", "cpu"])
+    assert "'query_tokens' under 'model' is not a tensor" in one_line(result)

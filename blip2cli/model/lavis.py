@@ -54,6 +54,9 @@ def load_lavis(path: Path, place_args: tuple[str, str], name: str, vision: str |
     state = raw.get("model", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict) or "query_tokens" not in state:
         raise UsageError(f"{path}: not a LAVIS BLIP-2 checkpoint (no query_tokens)")
+    odd = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)), None)
+    if odd is not None:
+        raise UsageError(f"{path}: not a LAVIS BLIP-2 checkpoint ({odd!r} under 'model' is not a tensor)")
     state = drop_tied_aliases(state, str(path))  # LAVIS saves the tied decoder.bias/.weight beside their owners
     has_vision = any(k.startswith("visual_encoder.") for k in state)
     if not has_vision and not vision:
@@ -107,7 +110,8 @@ def _lavis_config(state: dict[str, Tensor], path: Path, llm: str | None, vision:
             raise UsageError(f"vision_heads: {stated.vision_heads} contradicts {vision}'s {vcfg.heads}")
     elif vision:
         raw = safe_torch_load(Path(vision))
-        vcfg = _eva_config(raw.get("model", raw), stated.vision_heads, guesses, Path(vision))
+        raw = raw.get("model", raw) if isinstance(raw, dict) else {}
+        vcfg = _eva_config(raw, stated.vision_heads, guesses, Path(vision))
     else:
         vcfg = VisionConfig()
     vcfg = replace(vcfg, ln_vision_eps=1e-5, image_size=stated.image_size or vcfg.image_size)  # LAVIS's ln_vision
@@ -163,7 +167,7 @@ def _eva_config(state: dict[str, Tensor], heads: int | None, guesses: list[str],
         patch = state["patch_embed.proj.weight"].shape[-1]
         grid = int((state["pos_embed"].shape[1] - 1) ** 0.5)
         mlp = state["blocks.0.mlp.fc1.weight"].shape[0]
-    except (KeyError, ValueError, IndexError):
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError):
         raise UsageError(f"{path}: not an EVA ViT state dict (expected cls_token, pos_embed, patch_embed, blocks.N)"
                          ) from None
     if heads is None:
