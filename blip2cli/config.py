@@ -613,7 +613,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
 def _apply_stage(raw: dict, stage: int, path: Path) -> None:
     written = raw.get("stage")
     if written is not None and written != stage:
-        raise UsageError(f"--stage {stage}: {path} says stage: {written!r}; drop --stage or fix the recipe")
+        raise UsageError(f"--stage {stage}: {path} says stage: {written!r}; drop --stage, fix the recipe, or "
+                         f"override it with --set stage={stage}")
     raw["stage"] = stage
 
 

@@ -93,27 +93,8 @@ def _lavis_config(state: dict[str, Tensor], path: Path, llm: str | None, vision:
                   stated: Architecture) -> ModelConfig:
     """Shapes in a LAVIS file -> ModelConfig, with the values it lacks as stated, taken from the BLIP-2 directory
     named as `vision`, or guessed (one note names the guesses)."""
-    if any(k.startswith("visual_encoder.transformer.") for k in state):
-        raise UsageError(f"{path}: a CLIP ViT-L LAVIS checkpoint; only EVA ViT-g LAVIS files are supported so far")
     guesses: list[str] = []
-    heads = None
-    if any(k.startswith("visual_encoder.") for k in state):
-        vcfg = _eva_config({k[len("visual_encoder."):]: v for k, v in state.items() if k.startswith("visual_encoder.")},
-                           stated.vision_heads, guesses, path)
-    elif vision and (Path(vision).is_dir() or not Path(vision).exists()):
-        from transformers import Blip2Config
-
-        src = Path(vision) if Path(vision).is_dir() else download(vision)
-        reference = model_config_from_hf(Blip2Config.from_pretrained(src))
-        vcfg, heads = reference.vision, reference.qformer.num_heads
-        if stated.vision_heads is not None and stated.vision_heads != vcfg.heads:
-            raise UsageError(f"vision_heads: {stated.vision_heads} contradicts {vision}'s {vcfg.heads}")
-    elif vision:
-        raw = safe_torch_load(Path(vision))
-        raw = raw.get("model", raw) if isinstance(raw, dict) else {}
-        vcfg = _eva_config(raw, stated.vision_heads, guesses, Path(vision))
-    else:
-        vcfg = VisionConfig()
+    vcfg, heads = _vision_config(state, path, vision, stated.vision_heads, guesses)
     vcfg = replace(vcfg, ln_vision_eps=1e-5, image_size=stated.image_size or vcfg.image_size)  # LAVIS's ln_vision
     qcfg = _qformer_config(state, path, stated.qformer_heads or heads, guesses)
     max_len = stated.max_text_len
@@ -128,6 +109,29 @@ def _lavis_config(state: dict[str, Tensor], path: Path, llm: str | None, vision:
         warnings.warn(f"{path}: not in the file, guessed {'; '.join(guesses)}; state them in a model .yaml "
                       "(qformer_heads, vision_heads, max_text_len) if they differ", stacklevel=2)
     return ModelConfig(vision=vcfg, qformer=qcfg, llm=llm_cfg)
+
+
+def _vision_config(state: dict[str, Tensor], path: Path, vision: str | None, heads: int | None,
+                   guesses: list[str]) -> tuple[VisionConfig, int | None]:
+    """The ViT's config from the file itself, eva_vit_g.pth or a BLIP-2 folder / hub id (which also gives the
+    Q-Former's head count, returned second)."""
+    if any(k.startswith("visual_encoder.transformer.") for k in state):
+        raise UsageError(f"{path}: a CLIP ViT-L LAVIS checkpoint; only EVA ViT-g LAVIS files are supported so far")
+    if any(k.startswith("visual_encoder.") for k in state):
+        tower = {k[len("visual_encoder."):]: v for k, v in state.items() if k.startswith("visual_encoder.")}
+        return _eva_config(tower, heads, guesses, path), None
+    if vision and (Path(vision).is_dir() or not Path(vision).exists()):
+        from transformers import Blip2Config
+
+        src = Path(vision) if Path(vision).is_dir() else download(vision)
+        reference = model_config_from_hf(Blip2Config.from_pretrained(src))
+        if heads is not None and heads != reference.vision.heads:
+            raise UsageError(f"vision_heads: {heads} contradicts {vision}'s {reference.vision.heads}")
+        return reference.vision, reference.qformer.num_heads
+    if vision:
+        raw = safe_torch_load(Path(vision))
+        return _eva_config(raw.get("model", raw) if isinstance(raw, dict) else {}, heads, guesses, Path(vision)), None
+    return VisionConfig(), None
 
 
 def _qformer_config(state: dict[str, Tensor], path: Path, heads: int | None, guesses: list[str]) -> QFormerConfig:
