@@ -157,32 +157,28 @@ def model_config_from_hf(hf) -> ModelConfig:
     v, q = hf.vision_config, hf.qformer_config
     arch = (hf.architectures or ["Blip2ForConditionalGeneration"])[0]
     text = bool(q.use_qformer_text_input) or "Retrieval" in arch or "WithProjection" in arch
-    vision = _hf_section(VisionConfig, v, "vision_config", HF_VISION_KEYS, ln_vision_eps="layer_norm_eps",
-                         qkv_bias=bool(v.qkv_bias))
-    queries = config_int(hf, "num_query_tokens", "config")
-    embed_dim = config_int(hf, "image_text_hidden_size", "config")
-    qformer = _hf_section(QFormerConfig, q, "qformer_config", HF_QFORMER_KEYS, num_queries=queries,
-                          embed_dim=embed_dim, text=text)
+    vision = _hf_section(VisionConfig, v, "vision_config", HF_VISION_KEYS, qkv_bias=bool(v.qkv_bias),
+                         ln_vision_eps=config_float(v, "layer_norm_eps", "vision_config"))
+    qformer = _hf_section(QFormerConfig, q, "qformer_config", HF_QFORMER_KEYS, text=text,
+                          num_queries=config_int(hf, "num_query_tokens", "config"),
+                          embed_dim=config_int(hf, "image_text_hidden_size", "config"))
     llm = LLMConfig()
     if "Retrieval" not in arch and "WithProjection" not in arch and getattr(hf, "text_config", None) is not None:
         llm = LLMConfig(name="(in checkpoint)", eos_text="\n" if hf.text_config.model_type == "opt" else "")
     return ModelConfig(vision=vision, qformer=qformer, llm=llm)
 
 
-def _hf_section(cls, section, where: str, keys: dict[str, str], ln_vision_eps: str = "", **given):
-    """One of our config dataclasses from a transformers sub-config; a range error names the HF key."""
+def _hf_section(cls, section, where: str, keys: dict[str, str], **given):
+    """One of our config dataclasses from a transformers sub-config; a range error names the config.json key."""
     values = {ours: (config_float if ours.endswith(("eps", "dropout")) else config_int)(section, hf_key, where)
               for ours, hf_key in keys.items()}
-    if ln_vision_eps:
-        values["ln_vision_eps"] = values["layer_norm_eps"]
     try:
         return cls(**values, **given)
     except UsageError as exc:
         key, _, rest = str(exc).partition(":")
         ours = key.rsplit(".", 1)[-1]
-        name = f"{where}.{keys[ours]}" if ours in keys else ("config.num_query_tokens" if ours == "num_queries"
-                                                             else key)
-        raise UsageError(f"{name}:{rest}") from None
+        top = {"num_queries": "config.num_query_tokens", "embed_dim": "config.image_text_hidden_size"}
+        raise UsageError(f"{where}.{keys[ours]}:{rest}" if ours in keys else f"{top.get(ours, key)}:{rest}") from None
 
 
 def _is_hf_dir(path: Path) -> bool:
@@ -329,7 +325,7 @@ def build_model(cfg: ModelConfig, place_args: tuple[str, str] = ("auto", "auto")
     if cfg.qformer.text:
         q_tok = qformer_tokenizer(tokenizer_source if tokenizer_source and
                                   (Path(tokenizer_source) / QFORMER_TOKENIZER_DIR).is_dir() else cfg.qformer.tokenizer)
-    model = build_empty(cfg, llm_config, llm_tok, q_tok, source=cfg.llm.name)
+    model = build_empty(cfg, llm_config, llm_tok, q_tok)
     place = placement(*place_args, t5=bool(llm_config is not None and llm_config.is_encoder_decoder))
     if llm_config is not None:
         fill(model, _llm_weights(cfg.llm.name), place, allow_missing=("vision.", "ln_vision", "query_tokens",

@@ -110,7 +110,8 @@ def safe_torch_load(path: Path) -> dict:
     except pickle.UnpicklingError as exc:
         text = str(exc).lower()
         if "weights only" not in text or "unsupported operand" in text:  # garbage bytes, not a refused object
-            raise UsageError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+            raise UsageError(f"{path}: not a readable PyTorch checkpoint (not a pickle of tensors: corrupt, or "
+                             "another format)") from None
         raise UsageError(
             f"{path}: refused to load: this pickle holds objects other than tensors and plain containers, and "
             "loading it could run code; convert it to safetensors with a tool you trust"
