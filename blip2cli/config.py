@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,22 @@ from blip2cli.errors import UsageError
 # OpenAI CLIP normalisation, used by every BLIP-2 checkpoint (LAVIS processors).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def check_ranges(section: str, obj: Any, bounds: dict[str, tuple[float, float]]) -> None:
+    """Each named field of `obj` must lie in its closed range [low, high] (architecture values: positive and within
+    what any real checkpoint uses, so a corrupt or mistyped size is refused before anything is allocated)."""
+    for name, (low, high) in bounds.items():
+        value = getattr(obj, name)
+        if not low <= value <= high:
+            raise UsageError(f"{section}.{name}: expected {_span(low, high)}, got {value}")
+
+
+def _span(low: float, high: float) -> str:
+    return f"a value from {low:g} to {high:g}" if isinstance(low, float) else f"an integer from {low} to {high}"
+
+
+_EPS = (1e-30, 1.0)  # layer norm epsilons
 
 
 @dataclass
@@ -47,6 +64,11 @@ class VisionConfig:
     def __post_init__(self) -> None:
         if self.kind == "timm" and not self.timm_name:
             raise UsageError("model.vision.timm_name: required when model.vision.kind is 'timm'")
+        check_ranges("model.vision", self, {
+            "image_size": (1, 8192), "patch_size": (1, max(self.image_size, 1)), "width": (1, 32768),
+            "depth": (1, 512), "heads": (1, max(self.width, 1)), "mlp_dim": (1, 262144), "layer_norm_eps": _EPS,
+            "ln_vision_eps": _EPS,
+        })
         if self.kind == "eva" and self.width % self.heads:
             raise UsageError(f"model.vision.width: {self.width} is not divisible by heads={self.heads}")
 
@@ -78,6 +100,13 @@ class QFormerConfig:
     max_text_len: int = 32  # 32 in training, 35 in retrieval evaluation
 
     def __post_init__(self) -> None:
+        check_ranges("model.qformer", self, {
+            "num_queries": (1, 4096), "hidden_size": (1, 32768), "num_layers": (1, 512),
+            "num_heads": (1, max(self.hidden_size, 1)), "intermediate_size": (1, 262144),
+            "cross_attention_every": (1, 512), "vocab_size": (1, 4_000_000), "max_position_embeddings": (1, 1 << 20),
+            "layer_norm_eps": _EPS, "dropout": (0.0, 0.99), "attention_dropout": (0.0, 0.99), "embed_dim": (1, 32768),
+            "max_text_len": (1, max(self.max_position_embeddings, 1)),
+        })
         if self.hidden_size % self.num_heads:
             raise UsageError(f"model.qformer.hidden_size: {self.hidden_size} not divisible by {self.num_heads} heads")
 
@@ -90,6 +119,9 @@ class LLMConfig:
     prompt: str = ""  # default prompt for captions, e.g. "a photo of"
     eos_text: str = "\n"  # captions end with this in training and generation stops at it (OPT: "\n" = 50118)
     max_text_len: int = 32
+
+    def __post_init__(self) -> None:
+        check_ranges("model.llm", self, {"max_text_len": (1, 1 << 20)})
 
     @property
     def enabled(self) -> bool:
@@ -104,6 +136,12 @@ class ModelConfig:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     init: str = ""  # a checkpoint (anything --model accepts) whose matching weights initialise the model
+
+    def __post_init__(self) -> None:
+        if not all(0 < s <= 10 for s in self.image_std):
+            raise UsageError(f"model.image_std: expected three values in (0, 10], got {list(self.image_std)}")
+        if not all(-10 <= m <= 10 for m in self.image_mean):
+            raise UsageError(f"model.image_mean: expected three values in [-10, 10], got {list(self.image_mean)}")
 
 
 @dataclass
@@ -238,11 +276,15 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string: accept what float() accepts
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
+                number = None
+            if number is not None:
+                return _convert(tp, number, path)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"{path}: expected a number, got {_describe(value)}")
+        if not math.isfinite(value):  # YAML's .nan / .inf parse as floats; no setting means either
+            raise UsageError(f"{path}: expected a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -259,10 +301,16 @@ def model_config_from_yaml(path: Path) -> ModelConfig:
     """The `model:` section of a saved recipe (a run directory's recipe.yaml)."""
     import yaml
 
-    raw = yaml.safe_load(Path(path).read_text())
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise UsageError(f"{path}: not valid YAML") from None
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: not a recipe (expected a mapping)")
-    return from_dict(ModelConfig, raw.get("model"), "model")
+    try:
+        return from_dict(ModelConfig, raw.get("model"), "model")
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc}") from None
 
 
 _ = typing  # typing is imported for get_type_hints on string annotations
@@ -384,6 +432,13 @@ class TrainConfig:
             raise UsageError(f"lr_layer_decay: expected a value in (0, 1], got {self.lr_layer_decay}")
         if not all(0 <= b < 1 for b in self.betas):
             raise UsageError(f"betas: expected two values in [0, 1), got {list(self.betas)}")
+        if not 0 < self.eps < 1:
+            raise UsageError(f"eps: expected a value in (0, 1), got {self.eps}")
+        if self.lr > 1 or self.warmup_lr > 1:
+            raise UsageError(f"{'lr' if self.lr > 1 else 'warmup_lr'}: {max(self.lr, self.warmup_lr)} is not a "
+                             "learning rate (expected at most 1, e.g. 1e-4)")
+        if self.weight_decay >= 1:
+            raise UsageError(f"weight_decay: expected a value in [0, 1), got {self.weight_decay}")
 
 
 @dataclass
@@ -526,11 +581,10 @@ def apply_override(raw: dict, parts: list[str | int], value: Any) -> None:
             node = node[part]
 
 
-def load_recipe(
-    path: str | Path, overrides: list[str] = (), check_files: bool = True, stage: int | None = None
-) -> Recipe:
-    """Read a recipe, apply `--set` overrides (and `stage`, `pretrain --stage`) to the raw mapping, then validate
-    it into a `Recipe`."""
+def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool = True,
+                stage: int | None = None) -> Recipe:
+    """Read a recipe, apply `--set` overrides to the raw mapping, then validate it into a `Recipe`. `stage` is
+    `--stage`: it fills in a recipe that names no stage, and contradicting the recipe's own is an error."""
     import yaml
 
     path = Path(path)
@@ -549,7 +603,7 @@ def load_recipe(
     for text in overrides:
         apply_override(raw, *parse_override(text))
     if stage is not None:
-        raw["stage"] = stage
+        _apply_stage(raw, stage, path)
     recipe = from_dict(Recipe, raw)
     if check_files:
         recipe.check_files()
@@ -569,6 +623,14 @@ def load_training_recipe(path: str | Path, overrides: list[str], command: Litera
         raise UsageError(f"{path}: a fine-tuning recipe (task: {recipe.task}): run it with `blip2 finetune`")
     recipe.check_files()
     return recipe
+
+
+def _apply_stage(raw: dict, stage: int, path: Path) -> None:
+    written = raw.get("stage")
+    if written is not None and written != stage:
+        raise UsageError(f"--stage {stage}: {path} says stage: {written!r}; drop --stage, fix the recipe, or "
+                         f"override it with --set stage={stage}")
+    raw["stage"] = stage
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

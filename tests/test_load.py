@@ -20,13 +20,12 @@ def _features(model, texts=("a man and a chicken", "a dog")):
 
 
 def test_name_tables_round_trip(tiny_retrieval_model_dir):
+    """HF <-> ours; LAVIS names are checked against LAVIS's real key list in test_lavis_files.py."""
     model = load_model(str(tiny_retrieval_model_dir), "cpu", "float32")
     names = list(model.state_dict())
     for name in names:
         if name == "qformer.cls.predictions.decoder.weight" or name.endswith("k_bias"):
             continue  # tied copy; the zero key bias (LAVIS has none, HF fuses it)
-        lavis = N.ours_to_lavis(name)
-        assert lavis is not None and N.lavis_to_ours(lavis) == name, name
         hf = N.ours_to_hf(name)
         if name == "temp" or name.startswith("qformer.cls."):
             assert hf is None  # HF has no place for them: the sidecar keeps them
@@ -42,29 +41,6 @@ def test_qkv_bias_split_and_fuse_round_trip():
     split = N.split_qkv_biases(fused)
     assert torch.equal(split["vision.tower.blocks.0.attn.k_bias"], torch.arange(4.0, 8.0))
     assert torch.equal(N.fuse_qkv_biases(split)["vision.tower.blocks.0.attn.qkv.bias"], torch.arange(12.0))
-
-
-def test_lavis_stage1_file_with_separate_vision(tmp_path, tiny_retrieval_model_dir):
-    """A LAVIS stage-1 file (no ViT, keeps temp and the ITG head) + the ViT named alongside."""
-    model = load_model(str(tiny_retrieval_model_dir), "cpu", "float32")
-    with torch.no_grad():
-        model.temp.fill_(0.05)
-    state = {N.ours_to_lavis(k): v for k, v in model.state_dict().items()
-             if not k.startswith("vision.") and not k.endswith("decoder.weight")}
-    pth = tmp_path / "blip2_pretrained.pth"
-    torch.save({"model": state}, pth)
-    (tmp_path / "tok").mkdir()
-    model.tokenizer.save_pretrained(tmp_path / "tok")
-    with pytest.raises(UsageError, match="no vision weights: give --model a model .yaml"):
-        load_model(str(pth), "cpu", "float32")
-    (tmp_path / "lavis.yaml").write_text(
-        f"checkpoint: blip2_pretrained.pth\nvision: {tiny_retrieval_model_dir}\ntokenizer: tok\n")
-    lavis = load_model(str(tmp_path / "lavis.yaml"), "cpu", "float32")  # what --model takes
-    assert lavis.temp.item() == pytest.approx(0.05)
-    assert lavis.ln_vision.eps == 1e-5  # LAVIS's ln_vision eps; HF's is 1e-6 (LAVIS eva_vit)
-    lavis.ln_vision.eps = model.ln_vision.eps
-    for a, b in zip(_features(model), _features(lavis)):
-        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_pickle_that_is_not_weights_only_is_refused(tmp_path):
@@ -145,28 +121,6 @@ def test_missing_and_unexpected_weights_are_named(tmp_path, tiny_opt_dir):
         save_file(state, str(d / "model.safetensors"))
         with pytest.raises(UsageError, match=f"{case} weights: qformer.encoder.layer.0"):
             load_model(str(d), "cpu", "float32")
-
-
-def test_lavis_stage2_file_with_vision_and_llm_named(tmp_path, tiny_opt_dir):
-    """A stage-2 LAVIS file has the Q-Former query path and opt_proj only: ViT and LLM come from elsewhere."""
-    model = load_model(str(tiny_opt_dir), "cpu", "float32")
-    state = {N.ours_to_lavis(k): v for k, v in model.state_dict().items()
-             if not k.startswith(("vision.", "llm."))}
-    assert "opt_proj.weight" in state and not any(k.startswith("visual_encoder.") for k in state)
-    torch.save({"model": state}, tmp_path / "blip2_pretrained_opt.pth")
-    model.llm.model.save_pretrained(tmp_path / "opt")
-    model.llm.tokenizer.save_pretrained(tmp_path / "opt")
-    with pytest.raises(UsageError, match="stage-2 checkpoint"):
-        (tmp_path / "no-llm.yaml").write_text(f"checkpoint: blip2_pretrained_opt.pth\nvision: {tiny_opt_dir}\n")
-        load_model(str(tmp_path / "no-llm.yaml"), "cpu", "float32")
-    (tmp_path / "m.yaml").write_text(f"checkpoint: blip2_pretrained_opt.pth\nvision: {tiny_opt_dir}\nllm: opt\n")
-    lavis = load_model(str(tmp_path / "m.yaml"), "cpu", "float32")
-    lavis.ln_vision.eps = model.ln_vision.eps  # LAVIS's 1e-5 against HF's 1e-6
-    px = tiny.pixels(2, seed=8)
-    with torch.no_grad():
-        a = model.llm.prompt_logits(model.llm_prefix(model.vision_embeds(px)), ["a photo of"] * 2)
-        b = lavis.llm.prompt_logits(lavis.llm_prefix(lavis.vision_embeds(px)), ["a photo of"] * 2)
-    assert (a - b).abs().max().item() <= 1e-5
 
 
 def test_position_embeddings_interpolate_for_larger_images():

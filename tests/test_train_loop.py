@@ -69,7 +69,7 @@ def test_stage1_checkpoint_reloads_the_same_weights(stage1):
 
 def test_stage2_opt_losses_fall(assets, stage1, tmp_path):
     lines = run_cli(["pretrain", "--stage", "2", str(RECIPE), "--out", str(tmp_path / "s2"), "--json",
-                    *sets_for(assets, 24, **{"model.llm.name": assets["opt"], "model.qformer.text": "false",
+                    *sets_for(assets, 24, **{"stage": 2, "model.llm.name": assets["opt"], "model.qformer.text": "false",
                                           "model.init": stage1[0] / "final", "model.llm.prompt": "a photo of",
                                           "train.lr": 2e-3})])
     losses = losses_of(lines)
@@ -152,7 +152,7 @@ def test_fsdp_shards_the_frozen_towers_and_changes_nothing_else(assets, tmp_path
         T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                             num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0,
                                             eos_token_id=1, decoder_start_token_id=0)).save_pretrained(name)
-    sets = sets_for(assets, 3, **{"model.llm.name": name, "model.qformer.text": "false",
+    sets = sets_for(assets, 3, **{"stage": 2, "model.llm.name": name, "model.qformer.text": "false",
                                "model.llm.prompt": "a photo of", "train.global_batch_size": 4,
                                "train.micro_batch_size": 2, "train.lr": 2e-3,
                                **({"model.llm.eos_text": ""} if llm == "t5" else {})})
@@ -177,7 +177,7 @@ def test_fsdp_shards_the_frozen_towers_and_changes_nothing_else(assets, tmp_path
     ("1", ["train.max_steps=many"], "train.max_steps: expected an integer, got str 'many'"),
     ("1", ["train.precision=fp8"], "train.precision: expected one of 'bf16', 'fp16', 'fp32', got 'fp8'"),
     ("1", ["data.train[0].path=missing/annotations.json"], "data.train[0].path: no such file or folder"),
-    ("2", [], "model.llm.name: stage 2 needs the frozen LLM"),
+    ("2", ["stage=2"], "model.llm.name: stage 2 needs the frozen LLM"),  # tiny_cpu.yaml says stage: 1
     ("1", ["train.multi_positive=true", "data.train[0].kind=folder"], "train.multi_positive needs image ids"),
 ])
 def test_recipe_mistakes_are_one_line_and_exit_2(stage, sets, message):

@@ -75,11 +75,15 @@ def read_caption_annotations(path: Path) -> CaptionSet:
         raise UsageError(f"{path}: not a COCO caption file (expected {{images, annotations}}){_guess_kind(data)}")
     images = {img["id"]: img for img in data["images"] if isinstance(img, dict) and "id" in img}
     refs: dict[int, list[str]] = {}
-    for ann in data["annotations"]:
-        if not (isinstance(ann, dict) and isinstance(ann.get("caption"), str) and "image_id" in ann):
+    for index, ann in enumerate(data["annotations"]):
+        if not (isinstance(ann, dict) and "caption" in ann and "image_id" in ann):
             raise UsageError(
                 f"{path}: not a COCO caption file (annotations need image_id and caption){_guess_kind(data)}"
             )
+        for key, kinds in (("image_id", (int, str)), ("caption", (str,))):
+            if isinstance(ann[key], bool) or not isinstance(ann[key], kinds):
+                raise UsageError(f"{path}: annotations[{index}]: {key}: expected "
+                                 f"{'an integer' if key == 'image_id' else 'a string'}, got {_describe(ann[key])}")
         refs.setdefault(ann["image_id"], []).append(ann["caption"])
     if not refs:
         raise UsageError(f"{path}: the caption file has no annotations")
@@ -188,7 +192,23 @@ def read_retrieval_predictions(path: Path, n_images: int, n_texts: int) -> tuple
             f"{path}: rankings for {len(data['i2t'])} images / {len(data['t2i'])} texts, but the annotations have "
             f"{n_images} / {n_texts}: wrong --annotations file?"
         )
+    _check_rankings(path, "i2t", data["i2t"], n_texts, "text")
+    _check_rankings(path, "t2i", data["t2i"], n_images, "image")
     return data["i2t"], data["t2i"]
+
+
+def _check_rankings(path: Path, field: str, rows: list[Any], n: int, what: str) -> None:
+    """Each row: a non-empty list of distinct indices in 0..n-1, best first."""
+    for row, ranked in enumerate(rows):
+        where = f"{path}: {field}[{row}]"
+        if not isinstance(ranked, list) or not ranked:
+            raise UsageError(f"{where}: expected a non-empty list of {what} indices, got {_describe(ranked)}")
+        for pos, index in enumerate(ranked):
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+                raise UsageError(f"{where}[{pos}]: {json.dumps(index)} is not one of the {n} {what} indices "
+                                 f"(an integer from 0 to {n - 1})")
+        if len(set(ranked)) != len(ranked):
+            raise UsageError(f"{where}: the same {what} index appears more than once")
 
 
 def _lavis_items(path: Path, data: list[Any]) -> list[dict[str, Any]]:
@@ -198,11 +218,22 @@ def _lavis_items(path: Path, data: list[Any]) -> list[dict[str, Any]]:
             f"{path}: not a COCO caption file ({{images, annotations}}) nor a LAVIS list ([{{image, caption}}])"
             + _guess_kind(data)
         )
+    for index, item in enumerate(data):
+        caption = item["caption"]
+        if not (isinstance(caption, str) or isinstance(caption, list) and caption
+                and all(isinstance(c, str) for c in caption)):
+            raise UsageError(f"{path}: record {index} (image {item['image']!r}): caption: expected a string or a "
+                             f"non-empty list of strings, got {_describe(caption)}")
     return data
 
 
-def _as_list(caption: Any) -> list[str]:
+def _as_list(caption: str | list[str]) -> list[str]:
     return [caption] if isinstance(caption, str) else list(caption)
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,6 +262,8 @@ def read_vqa(annotations: Path | None, questions: Path | None) -> list[VqaItem]:
             f"{annotations}: not a VQA annotation file (expected {{annotations: [{{answers}}]}}){_guess_kind(data)}"
         )
     subtype = str(data.get("data_subtype", "val2014"))
+    for index, a in enumerate(anns):
+        _check_vqa_annotation(annotations, index, a)
     items = {
         a["question_id"]: VqaItem(
             question_id=a["question_id"],
@@ -248,6 +281,20 @@ def read_vqa(annotations: Path | None, questions: Path | None) -> list[VqaItem]:
     return list(items.values())
 
 
+def _check_vqa_annotation(path: Path, index: int, a: dict[str, Any]) -> None:
+    """question_id and image_id integers, answers a non-empty list of {answer: str} (the score divides by it)."""
+    for key in ("question_id", "image_id"):
+        if isinstance(a.get(key), bool) or not isinstance(a.get(key), int):
+            raise UsageError(f"{path}: annotations[{index}]: {key}: expected an integer, got {_describe(a.get(key))}")
+    where = f"{path}: annotations[{index}] (question_id {a['question_id']}): answers"
+    answers = a["answers"]
+    if not isinstance(answers, list) or not answers:
+        raise UsageError(f"{where}: expected a non-empty list of {{answer}} records, got {_describe(answers)}")
+    for i, ans in enumerate(answers):
+        if not (isinstance(ans, dict) and isinstance(ans.get("answer"), str)):
+            raise UsageError(f"{where}[{i}]: expected {{\"answer\": str}}, got {_describe(ans)}")
+
+
 def _attach_questions(items: dict[QuestionId, VqaItem], path: Path, annotations: Path) -> None:
     data = read_json(path, "a VQA question file ({questions: [...]})")
     qs = data.get("questions") if isinstance(data, dict) else None
@@ -255,6 +302,10 @@ def _attach_questions(items: dict[QuestionId, VqaItem], path: Path, annotations:
         raise UsageError(
             f"{path}: not a VQA question file (expected {{questions: [{{question_id, question}}]}}){_guess_kind(data)}"
         )
+    for index, q in enumerate(qs):
+        if not isinstance(q["question"], str) or not q["question"].strip():
+            raise UsageError(f"{path}: questions[{index}] (question_id {q['question_id']}): question: expected a "
+                             f"non-empty string, got {_describe(q['question'])}")
     by_id = {q["question_id"]: q["question"] for q in qs}
     missing = [qid for qid in items if qid not in by_id]
     if missing:
@@ -282,6 +333,10 @@ def read_gqa(path: Path) -> list[VqaItem]:
         raise UsageError(
             f"{path}: not a GQA question file (expected {{qid: {{imageId, question, answer}}}}){_guess_kind(data)}"
         )
+    for qid, q in data.items():
+        for key in ("imageId", "question", "answer"):
+            if not isinstance(q[key], str) or (key != "answer" and not q[key]):
+                raise UsageError(f"{path}: question {qid}: {key}: expected a string, got {_describe(q[key])}")
     return [
         VqaItem(question_id=str(qid), image_id=q["imageId"], question=q["question"], answers=[q["answer"]],
                 images=[f"{q['imageId']}.jpg", f"images/{q['imageId']}.jpg"])

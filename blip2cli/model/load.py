@@ -24,6 +24,7 @@ from blip2cli.model.blip2 import Blip2
 from blip2cli.model.llm import FrozenLLM
 from blip2cli.model.names import DROPPED, hf_to_ours, lavis_to_ours, split_qkv_biases
 from blip2cli.model.placement import Placement, _target_dtype, placement
+from blip2cli.model.sizes import check_fits, config_float, config_int
 from blip2cli.model.vision import interpolate_pos_embed
 from blip2cli.model.weights import checkpoint_files, iter_tensors, read_safetensors, safe_torch_load
 
@@ -42,9 +43,14 @@ LLM_TOKENIZER_DIR = "llm_tokenizer"
 # Building and filling the model
 
 
-def build_empty(cfg: ModelConfig, llm_config=None, llm_tokenizer=None, tokenizer=None) -> Blip2:
-    """The model with parameters on the meta device (no memory) and real buffers."""
+def build_empty(cfg: ModelConfig, llm_config=None, llm_tokenizer=None, tokenizer=None, source: str = "") -> Blip2:
+    """The model with parameters on the meta device (no memory) and real buffers, once its sizes are known to fit."""
     from accelerate import init_empty_weights
+
+    try:
+        check_fits(cfg, llm_config)
+    except UsageError as exc:
+        raise UsageError(f"{source}: {exc}" if source else str(exc)) from None
 
     with init_empty_weights():
         llm = None
@@ -135,32 +141,44 @@ def _fingerprint(files: Iterable[Path]) -> str:
 # Hugging Face format
 
 
+HF_VISION_KEYS = {"image_size": "image_size", "patch_size": "patch_size", "width": "hidden_size",
+                  "depth": "num_hidden_layers", "heads": "num_attention_heads", "mlp_dim": "intermediate_size",
+                  "layer_norm_eps": "layer_norm_eps"}
+HF_QFORMER_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                   "intermediate_size": "intermediate_size", "cross_attention_every": "cross_attention_frequency",
+                   "vocab_size": "vocab_size", "max_position_embeddings": "max_position_embeddings",
+                   "layer_norm_eps": "layer_norm_eps", "dropout": "hidden_dropout_prob",
+                   "attention_dropout": "attention_probs_dropout_prob"}
+
+
 def model_config_from_hf(hf) -> ModelConfig:
-    """Blip2Config -> ModelConfig. Retrieval checkpoints keep the text half of the Q-Former."""
+    """Blip2Config -> ModelConfig. Retrieval checkpoints keep the text half of the Q-Former. Every size is checked
+    (type and range) and a bad one is named by its config.json key."""
     v, q = hf.vision_config, hf.qformer_config
     arch = (hf.architectures or ["Blip2ForConditionalGeneration"])[0]
     text = bool(q.use_qformer_text_input) or "Retrieval" in arch or "WithProjection" in arch
-    vision = VisionConfig(
-        image_size=_int(v.image_size), patch_size=_int(v.patch_size), width=v.hidden_size, depth=v.num_hidden_layers,
-        heads=v.num_attention_heads, mlp_dim=v.intermediate_size, layer_norm_eps=v.layer_norm_eps,
-        ln_vision_eps=v.layer_norm_eps, qkv_bias=v.qkv_bias,
-    )
-    qformer = QFormerConfig(
-        num_queries=hf.num_query_tokens, hidden_size=q.hidden_size, num_layers=q.num_hidden_layers,
-        num_heads=q.num_attention_heads, intermediate_size=q.intermediate_size,
-        cross_attention_every=q.cross_attention_frequency, vocab_size=q.vocab_size,
-        max_position_embeddings=q.max_position_embeddings, layer_norm_eps=q.layer_norm_eps,
-        dropout=q.hidden_dropout_prob, attention_dropout=q.attention_probs_dropout_prob,
-        embed_dim=hf.image_text_hidden_size, text=text,
-    )
+    vision = _hf_section(VisionConfig, v, "vision_config", HF_VISION_KEYS, qkv_bias=bool(v.qkv_bias),
+                         ln_vision_eps=config_float(v, "layer_norm_eps", "vision_config"))
+    qformer = _hf_section(QFormerConfig, q, "qformer_config", HF_QFORMER_KEYS, text=text,
+                          num_queries=config_int(hf, "num_query_tokens", "config"),
+                          embed_dim=config_int(hf, "image_text_hidden_size", "config"))
     llm = LLMConfig()
     if "Retrieval" not in arch and "WithProjection" not in arch and getattr(hf, "text_config", None) is not None:
         llm = LLMConfig(name="(in checkpoint)", eos_text="\n" if hf.text_config.model_type == "opt" else "")
     return ModelConfig(vision=vision, qformer=qformer, llm=llm)
 
 
-def _int(x) -> int:
-    return int(x[0] if isinstance(x, (list, tuple)) else x)
+def _hf_section(cls, section, where: str, keys: dict[str, str], **given):
+    """One of our config dataclasses from a transformers sub-config; a range error names the config.json key."""
+    values = {ours: (config_float if ours.endswith(("eps", "dropout")) else config_int)(section, hf_key, where)
+              for ours, hf_key in keys.items()}
+    try:
+        return cls(**values, **given)
+    except UsageError as exc:
+        key, _, rest = str(exc).partition(":")
+        ours = key.rsplit(".", 1)[-1]
+        top = {"num_queries": "config.num_query_tokens", "embed_dim": "config.image_text_hidden_size"}
+        raise UsageError(f"{where}.{keys[ours]}:{rest}" if ours in keys else f"{top.get(ours, key)}:{rest}") from None
 
 
 def _is_hf_dir(path: Path) -> bool:
@@ -176,8 +194,13 @@ def _is_hf_dir(path: Path) -> bool:
 def load_hf_dir(path: Path, place_args: tuple[str, str], name: str) -> Blip2:
     from transformers import AutoTokenizer, Blip2Config
 
-    hf = Blip2Config.from_pretrained(path)
-    cfg = model_config_from_hf(hf)
+    try:
+        hf = Blip2Config.from_pretrained(path)
+        cfg = model_config_from_hf(hf)
+    except UsageError as exc:
+        raise UsageError(f"{path / 'config.json'}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - transformers' own validation errors have no common base
+        raise UsageError(f"{path / 'config.json'}: not a valid BLIP-2 config ({_first_line(exc)})") from None
     files = checkpoint_files(path)
     if not files:
         raise UsageError(f"{path}: a BLIP-2 config but no weights (model.safetensors or pytorch_model.bin)")
@@ -187,7 +210,8 @@ def load_hf_dir(path: Path, place_args: tuple[str, str], name: str) -> Blip2:
         llm_tok = AutoTokenizer.from_pretrained(path)
     if cfg.qformer.text:
         q_tok = qformer_tokenizer(path)
-    model = build_empty(cfg, hf.text_config if cfg.llm.enabled else None, llm_tok, q_tok)
+    model = build_empty(cfg, hf.text_config if cfg.llm.enabled else None, llm_tok, q_tok,
+                        source=str(path / "config.json"))
     tensors = [(hf_to_ours(n), t) for n, t in _split_biases(iter_tensors(files))]
     sidecar = path / SIDECAR
     if sidecar.is_file():  # temp and the ITG head of a model exported by us (HF has no place for them)
@@ -397,7 +421,8 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", *, 
 
         if path.suffix in (".yaml", ".yml"):  # a LAVIS checkpoint with its ViT and LLM named
             spec = read_model_file(path)
-            return load_lavis(Path(spec.checkpoint), args, name_or_path, spec.vision, spec.llm, spec.tokenizer)
+            return load_lavis(Path(spec.checkpoint), args, name_or_path, spec.vision, spec.llm, spec.tokenizer,
+                              spec.architecture)
         if path.suffix in (".pth", ".pt", ".bin"):
             return load_lavis(path, args, name_or_path, vision, llm)
         raise UsageError(f"{path}: not a checkpoint file (expected a LAVIS .pth, a model .yaml or a model folder)")

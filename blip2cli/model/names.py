@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from blip2cli.errors import UsageError
+
 HF_TO_OURS: tuple[tuple[str, str], ...] = (
     ("vision_model.embeddings.class_embedding", "vision.tower.cls_token"),
     ("vision_model.embeddings.position_embedding", "vision.tower.pos_embed"),
@@ -50,6 +52,12 @@ LAVIS_TO_OURS: tuple[tuple[str, str], ...] = (
     ("temp", "temp"),
 )
 DROPPED = re.compile(r"(position_ids|cls\.predictions\.decoder\.weight)$")  # buffers and the tied LM decoder
+# LAVIS's BERT LM head ties `decoder.bias = bias` and `decoder.weight = word_embeddings.weight` (its Qformer.py),
+# and `state_dict()` keeps every name of a tied tensor: alias -> owner, in LAVIS's names.
+LAVIS_TIED = {
+    "Qformer.cls.predictions.decoder.bias": "Qformer.cls.predictions.bias",
+    "Qformer.cls.predictions.decoder.weight": "Qformer.bert.embeddings.word_embeddings.weight",
+}
 
 
 def _rename(name: str, table: Iterable[tuple[str, str]]) -> str | None:
@@ -89,12 +97,19 @@ def ours_to_hf(name: str) -> str | None:
     return _rename(name, inverse)
 
 
-def ours_to_lavis(name: str, llm_family: str = "opt") -> str | None:
-    other = "t5_proj." if llm_family == "opt" else "opt_proj."  # both map to llm_proj: keep this family's name
-    inverse = tuple((dst, src) for src, dst in LAVIS_TO_OURS if src != other)
-    if name.startswith("llm.") or name.endswith(".k_bias"):
-        return None
-    return _rename(name, inverse)
+def drop_tied_aliases(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Remove the second name of each tied tensor after checking it holds the same values as its owner (a file
+    where they differ was not saved from a tied model: refused). An alias without its owner takes its place."""
+    out = dict(state)
+    for alias, owner in LAVIS_TIED.items():
+        if alias not in out:
+            continue
+        tensor = out.pop(alias)
+        if owner not in out:
+            out[owner] = tensor
+        elif out[owner].shape != tensor.shape or not torch.equal(out[owner], tensor):
+            raise UsageError(f"{source}: {alias} differs from {owner}, which LAVIS ties it to: a corrupt checkpoint?")
+    return out
 
 
 def split_qkv_biases(state: dict[str, Tensor]) -> dict[str, Tensor]:
