@@ -151,7 +151,7 @@ def _features(model, texts=("a man and a chicken", "a dog")):
 
 
 def _same_features(a, b) -> bool:
-    b.ln_vision.eps = a.ln_vision.eps  # LAVIS's ln_vision eps is 1e-5, HF's 1e-6 (spec §2.1)
+    b.ln_vision.eps = a.ln_vision.eps  # LAVIS's ln_vision eps is 1e-5, HF's 1e-6 (LAVIS eva_vit)
     return all(torch.allclose(x, y, atol=1e-6) for x, y in zip(_features(a), _features(b)))
 
 

@@ -1,4 +1,4 @@
-"""LAVIS `.pth` checkpoints: partial state dicts under "model" (spec §9.1), their config read from the shapes.
+"""LAVIS `.pth` checkpoints: partial state dicts under "model" (LAVIS model zoo), their config read from the shapes.
 
 Files without a ViT, and stage-2 files, need their other parts named. From the command line that is a small YAML
 model file given to `--model`:
@@ -48,7 +48,7 @@ class Architecture:
 
 def load_lavis(path: Path, place_args: tuple[str, str], name: str, vision: str | None, llm: str | None,
                tokenizer: str = "bert-base-uncased", stated: Architecture | None = None) -> Blip2:
-    """LAVIS checkpoints are partial state dicts under "model" (spec §9.1). Stage-1 files keep the ITG head and
+    """LAVIS checkpoints are partial state dicts under "model" (LAVIS model zoo). Stage-1 files keep the ITG head and
     temperature; the ViT comes from the file (fine-tuned ones) or from `vision`; the LLM from `llm`."""
     raw = safe_torch_load(path)
     state = raw.get("model", raw) if isinstance(raw, dict) else None
@@ -103,7 +103,7 @@ def _lavis_config(state: dict[str, Tensor], path: Path, llm: str | None, vision:
         guesses.append("max_text_len 32 (LAVIS's default max_txt_len)")
     qcfg = replace(qcfg, max_text_len=max_len)
     is_stage2 = "opt_proj.weight" in state or "t5_proj.weight" in state
-    eos = "\n" if "opt_proj.weight" in state else ""  # OPT captions end with "\n" (spec §5.2)
+    eos = "\n" if "opt_proj.weight" in state else ""  # OPT captions end with "\n" (LAVIS Blip2OPT)
     llm_cfg = LLMConfig(name=llm or "", eos_text=eos, max_text_len=max_len) if is_stage2 else LLMConfig()
     if guesses:
         warnings.warn(f"{path}: not in the file, guessed {'; '.join(guesses)}; state them in a model .yaml "
