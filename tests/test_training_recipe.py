@@ -43,13 +43,15 @@ def test_the_right_command_then_checks_the_files(tmp_path):
     assert f"data.train[0].path: no such file or folder: {ABSENT}" in _error(_recipe(tmp_path), [], "pretrain")
 
 
-def test_stage_defaults_to_the_recipes_and_overrides_it(tmp_path):
+def test_stage_defaults_to_the_recipes_and_a_contradiction_is_refused(tmp_path):
     data = tmp_path / "captions.json"
     data.write_text("{}")
     recipe = _recipe(tmp_path, stage=1, data={"train": [{"kind": "coco", "path": str(data)}]})
     assert load_training_recipe(recipe, [], "pretrain").stage == 1
-    two = load_training_recipe(recipe, ["model.llm.name=facebook/opt-125m", "model.qformer.text=false"], "pretrain", 2)
-    assert two.stage == 2
+    stage2 = ["model.llm.name=facebook/opt-125m", "model.qformer.text=false"]
+    with pytest.raises(UsageError, match="says stage: 1"):  # --stage 2 on a stage-1 recipe (issue 10)
+        load_training_recipe(recipe, stage2, "pretrain", 2)
+    assert load_training_recipe(recipe, ["stage=2", *stage2], "pretrain", 2).stage == 2
 
 
 def test_finetune_through_the_cli_with_the_data_absent(tmp_path):

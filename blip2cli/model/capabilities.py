@@ -3,9 +3,12 @@ checkpoint cannot build a retrieval index, a stage-1 model cannot answer questio
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from blip2cli.errors import UsageError
+
+if TYPE_CHECKING:  # blip2 imports torch; the check itself only reads attributes
+    from blip2cli.model.blip2 import Blip2
 
 Need = Literal["caption", "answer", "retrieval"]
 
@@ -19,7 +22,7 @@ WHAT = {  # need: (the kind of model, what this one lacks, the official ids that
 }
 
 
-def has(model: Any, need: Need) -> bool:
+def has(model: Blip2, need: Need) -> bool:
     """Whether `model` (a Blip2) can do `need`."""
     llm = getattr(model, "llm", None) is not None
     tokenizer = getattr(model, "tokenizer", None) is not None
@@ -31,7 +34,7 @@ def has(model: Any, need: Need) -> bool:
     return tokenizer and all(getattr(model, h, None) is not None for h in heads)
 
 
-def require(model: Any, need: Need, job: str, name: str, flag: str = "--model") -> None:
+def require(model: Blip2, need: Need, job: str, name: str, flag: str = "--model") -> None:
     """One line (exit 2) naming the kind of model `job` needs and the official ids that provide it."""
     if not has(model, need):
         kind, lacks, ids = WHAT[need]
