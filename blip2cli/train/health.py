@@ -22,13 +22,14 @@ ITM_MARGIN = 0.02  # relative: an ITM loss above 0.98 x H(1/3) counts as the pri
 ITC_MARGIN = 0.03  # relative: an ITC loss above 0.97 x ln(batch) counts as chance
 
 CAUSES = (
-    "the query outputs are (nearly) the same for every image, so neither loss can tell images apart. Likely "
-    "causes: (1) a randomly initialised Q-Former much narrower than BERT-base with BERT's std-0.02 init: the "
-    "cross-attention adds an image signal ~1e-4 of the query outputs' variance (tiny models: use "
-    "model.qformer.init_std ~ 0.5/sqrt(hidden_size), or init_from a BERT); (2) a learning rate too low, or "
+    "the Q-Former's outputs are (nearly) the same for every image or every caption, so the losses cannot tell "
+    "pairs apart. Likely causes: (1) a randomly initialised Q-Former much narrower than BERT-base at BERT's std "
+    "0.02: its query outputs start 99.99% identical across images and its [CLS] features across captions "
+    "(set model.qformer.init_std ~ 0.8/sqrt(hidden_size), or init_from a BERT); (2) a learning rate too low, or "
     "still in warm-up; (3) a frozen ViT that carries little about the image (random weights, a few pixels) "
-    "while data.augment changes each view; (4) a contrastive batch too small for the ITM hard negatives "
-    "(train.micro_batch_size x processes). README: 'What a healthy stage-1 run looks like'."
+    "while data.augment changes every view; (4) too few samples per contrastive batch (micro_batch_size x "
+    "processes). ITM leaves its prior only once ITC is well below ln(batch): if ITC is falling, give it time. "
+    "README: 'What a healthy stage-1 run looks like'."
 )
 
 
