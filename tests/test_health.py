@@ -73,6 +73,9 @@ def test_only_itc_stuck_is_named_alone_and_zero_steps_never_warns():
     watch = StuckWatch(20, contrastive_batch=16)
     message = next(m for r in _records(0.3, math.log(16) - 0.01, 40) if (m := watch(r)))
     assert "ITC at chance (ln 16" in message and "ITM at its prior" not in message
+    watch = StuckWatch(20, contrastive_batch=16)
+    message = next(m for r in _records(PRIOR, 1.0, 40) if (m := watch(r)))
+    assert "ITM at its prior" in message and "ITC is learning" in message
     watch = StuckWatch(0, contrastive_batch=8)
     assert not any(watch(r) for r in _records(PRIOR, math.log(8), 1000))
     with pytest.raises(UsageError, match="stuck_warning_steps"):

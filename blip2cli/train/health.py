@@ -61,14 +61,16 @@ class StuckWatch:
         if not stuck:
             return None
         self.warned = True
-        return self._message(stuck, step, record.get("lr"))
+        return self._message(stuck, step, record.get("lr"), "itc" in record and "itc" not in stuck)
 
-    def _message(self, stuck: list[str], step: int, lr: float | None) -> str:
+    def _message(self, stuck: list[str], step: int, lr: float | None, itc_learns: bool) -> str:
         what = {"itm": f"ITM at its prior ({self.chance['itm']:.3f} = always 'no match')",
                 "itc": f"ITC at chance (ln {self.batch} = {self.chance['itc']:.3f})"}
         flat = " and ".join(what[n] for n in stuck)
         rate = f" (lr now {lr:.2e})" if lr is not None else ""
-        return f"warning: step {step}: {flat} for {self.steps}+ steps{rate}: {CAUSES}"
+        late = ("ITC is learning, and ITM often follows it late (its hard negatives come from ITC); if it stays, "
+                if itc_learns else "")
+        return f"warning: step {step}: {flat} for {self.steps}+ steps{rate}: {late}{CAUSES}"
 
 
 @torch.no_grad()
