@@ -97,6 +97,8 @@ class QFormerConfig:
     text: bool = True  # keep the text half (embeddings, text FFNs, LM head); stage-2 checkpoints drop it
     tokenizer: str = "bert-base-uncased"  # hub id or directory; [DEC] is added as bos_token if missing
     init_from: str = ""  # "bert-base-uncased" initialises from BERT as LAVIS does; "" = random init
+    init_std: float = 0.02  # std of a random init's weights (BERT's initializer_range, LAVIS); a Q-Former far
+    # narrower than 768 needs more (~0.8/sqrt(hidden_size)) or its outputs ignore the image (README, Training)
     max_text_len: int = 32  # 32 in training, 35 in retrieval evaluation
 
     def __post_init__(self) -> None:
@@ -109,6 +111,10 @@ class QFormerConfig:
         })
         if self.hidden_size % self.num_heads:
             raise UsageError(f"model.qformer.hidden_size: {self.hidden_size} not divisible by {self.num_heads} heads")
+        if self.init_std <= 0:
+            raise UsageError(f"model.qformer.init_std: expected a positive number, got {self.init_std}")
+        if self.init_from and self.init_std != 0.02:
+            raise UsageError("model.qformer.init_std: only for a random init; remove it or model.qformer.init_from")
 
 
 @dataclass
@@ -408,6 +414,8 @@ class TrainConfig:
     feature_cache: str = ""  # folder caching the frozen ViT's output per image (before ln_vision, which trains),
     # so later epochs skip the ViT; needs data.augment: false and a frozen ViT; "" = off
     keep_last: int = 0  # keep only the newest N step folders; 0 = keep all
+    stuck_warning_steps: int = 500  # stage 1: warn once when ITM sits at its prior H(1/3) = 0.637 or ITC at
+    # ln(micro_batch_size x processes) for this many optimizer steps (train/health.py); 0 = never
     fsdp: bool = False  # with several processes, shard the frozen ViT and LLM block by block (FSDP2) so each
     # process holds 1/N of them; the trained parts stay replicated under DDP (train/sharding.py)
 
@@ -418,7 +426,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise UsageError(f"{name}: expected a positive number, got {value}")
-        for name in ("min_lr", "warmup_lr", "weight_decay", "max_grad_norm", "warmup_steps", "eval_every", "keep_last"):
+        for name in ("min_lr", "warmup_lr", "weight_decay", "max_grad_norm", "warmup_steps", "eval_every", "keep_last",
+                     "stuck_warning_steps"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name}: expected 0 or more, got {getattr(self, name)}")
         if self.min_lr > self.lr:

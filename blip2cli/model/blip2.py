@@ -32,6 +32,8 @@ class Stage1Output:
     itc: Tensor
     itm: Tensor
     itg: Tensor
+    itc_acc: Tensor | None = None  # in-batch top-1 accuracy, both directions (losses.itc_accuracy); 1/B = chance
+    itm_acc: Tensor | None = None  # balanced accuracy on positives vs hard negatives (losses.itm_accuracy); 0.5
 
 
 @dataclass
@@ -147,28 +149,30 @@ class Blip2(nn.Module):
         txt = self._text_vectors(ids, mask)  # (B, 256)
 
         itc = losses.itc_loss(img, txt, self.temp, image_ids)
-        itm = self._itm_loss(embeds, image_kv, ids, mask, itc, image_ids)
+        itm, itm_acc = self._itm_loss(embeds, image_kv, ids, mask, itc, image_ids)
 
         dec = ids.clone()
         dec[:, 0] = self.tokenizer.bos_token_id  # [DEC] replaces [CLS]
         hidden, _ = self.qformer.decode_text(dec, mask, cache)
         labels = losses.itg_labels(dec, self.tokenizer.pad_token_id)
         itg = losses.lm_loss(self.qformer.lm_logits(hidden), labels, label_smoothing=0.1)
-        return Stage1Output(itc.loss + itm + itg, itc.loss.detach(), itm.detach(), itg.detach())
+        itc_acc = losses.itc_accuracy(itc.sim_i2t, itc.sim_t2i, image_ids)
+        return Stage1Output(itc.loss + itm + itg, itc.loss.detach(), itm.detach(), itg.detach(), itc_acc, itm_acc)
 
     def _itm_loss(
         self, embeds: Tensor, image_kv: list, ids: Tensor, mask: Tensor, itc: losses.ItcOutput,
         image_ids: Tensor | None,
-    ) -> Tensor:
-        """ITM, hard negatives from the global batch (LAVIS Blip2Qformer): texts [T+;T+;T-] against images [E+;E-;E+],
-        E with gradient. The images' cross-attention K/V are projected once per image, not once per pair."""
+    ) -> tuple[Tensor, Tensor]:
+        """ITM with hard negatives from the global batch (LAVIS Blip2Qformer): texts [T+;T+;T-] against images [E+;E-;E+],
+        E with gradient. The images' cross-attention K/V are projected once per image, not once per pair.
+        Returns the loss and the balanced accuracy of its logits."""
         neg_img, neg_txt = losses.sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, image_ids)
         pairs = losses.itm_pairs(ids, mask, embeds, neg_img, neg_txt)
         neg_kv = self.qformer.image_kv(pairs.neg_image_embeds)
         pair_kv = [None if pos is None else tuple(torch.cat((p, n, p)) for p, n in zip(pos, neg))
                    for pos, neg in zip(image_kv, neg_kv)]
         logits = self._itm(None, pairs.text_ids, pairs.text_mask, pair_kv)  # (3B, 2)
-        return losses.itm_loss(logits, embeds.shape[0])
+        return losses.itm_loss(logits, embeds.shape[0]), losses.itm_accuracy(logits, embeds.shape[0])
 
     def stage2_loss(self, pixels: Tensor, texts: Sequence[str], prompt: str | Sequence[str] = "",
                     outputs: Sequence[str] | None = None) -> Stage2Output:

@@ -9,6 +9,7 @@ need the same shape on every rank (all_gather cannot pad): a distributed loader 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -248,6 +249,41 @@ def itm_loss(logits: Tensor, batch_size: int) -> Tensor:
     labels = torch.zeros(3 * batch_size, dtype=torch.long, device=logits.device)
     labels[:batch_size] = 1
     return F.cross_entropy(logits.float(), labels)
+
+
+# --- training-health metrics (a stuck stage-1 run should be visible in minutes) --------------------------
+# Measurements on the tensors the losses already built, without gradient; they never change a loss.
+
+
+def itm_prior_loss() -> float:
+    """ITM's loss when it predicts only the label prior (1 match in 3 pairs): the entropy H(1/3) = 0.6365."""
+    return -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3)
+
+
+def itc_chance_loss(global_batch: int) -> float:
+    """ITC's loss when every similarity is equal: ln(B*W), whatever the label smoothing or the positives."""
+    return math.log(global_batch)
+
+
+@torch.no_grad()
+def itc_accuracy(sim_i2t: Tensor, sim_t2i: Tensor, image_ids: Tensor | None = None) -> Tensor:
+    """In-batch top-1 accuracy of ITC over the global batch, image->text and text->image averaged: the share of
+    rows whose highest similarity is a positive. Chance: 1/(B*W) (more in multi-positive mode). Gathers the ids
+    in multi-positive mode, so every rank must call it."""
+    positives = positive_mask(sim_i2t.shape[0], image_ids, sim_i2t.device)  # (B, B*W)
+    i2t = positives.gather(1, sim_i2t.argmax(dim=1, keepdim=True)).float().mean()
+    t2i = positives.gather(1, sim_t2i.argmax(dim=1, keepdim=True)).float().mean()
+    return (i2t + t2i) / 2
+
+
+@torch.no_grad()
+def itm_accuracy(logits: Tensor, batch_size: int) -> Tensor:
+    """Balanced ITM accuracy of the (3B, 2) logits: the mean of the hit rate on the B positives and on the 2B hard
+    negatives. 0.5 is chance, and always answering "no match" (the prior, 2/3 plain accuracy) scores 0.5 too."""
+    predicted = logits.argmax(dim=1)  # (3B,)
+    positives = predicted[:batch_size].eq(1).float().mean()
+    negatives = predicted[batch_size:].eq(0).float().mean()
+    return (positives + negatives) / 2
 
 
 # --- language-model losses and labels (LAVIS Blip2Qformer, LAVIS Blip2OPT, LAVIS Blip2T5) -----------------------------

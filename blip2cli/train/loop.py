@@ -33,6 +33,7 @@ from blip2cli.train import checkpoint as ckpt
 from blip2cli.train import sharding
 from blip2cli.train.data import Batch, TrainData, ValBatches, build_train_data, build_val_batches
 from blip2cli.train.feature_cache import CachedVision, FeatureCache
+from blip2cli.train.health import StuckWatch
 from blip2cli.train.optim import build_optimizer, lr_at, set_lr
 
 LogFn = Callable[[dict[str, Any]], None]
@@ -53,7 +54,9 @@ class Objective(nn.Module):
         images = self._images(batch)  # pixels (B, 3, S, S), or frozen ViT features (B, N, Dv) with the cache
         if self.stage1:
             out = self.model.stage1_loss(images, batch.texts, batch.image_ids if self.multi_positive else None)
-            return {"loss": out.loss, "itc": out.itc, "itm": out.itm, "itg": out.itg}
+            # Health metrics beside the losses (README: "what a healthy stage-1 run looks like").
+            return {"loss": out.loss, "itc": out.itc, "itm": out.itm, "itg": out.itg, "itc_acc": out.itc_acc,
+                    "itm_acc": out.itm_acc, "temp": self.model.temp.detach()}
         prompt = batch.prompts if batch.prompts is not None else self.prompt  # VQA: each sample's question
         return {"loss": self.model.stage2_loss(images, batch.texts, prompt, batch.outputs).loss}
 
@@ -190,11 +193,28 @@ def build_for_training(recipe: Recipe, frozen_dtype: str) -> Blip2:
     if model.tokenizer is not None and len(model.tokenizer) > cfg.qformer.vocab_size:
         raise UsageError(f"model.qformer.vocab_size: {cfg.qformer.vocab_size} is smaller than the tokenizer's "
                          f"{len(model.tokenizer)} tokens ({cfg.qformer.tokenizer})")
+    if cfg.qformer.init_std != 0.02:
+        _reinit(model, cfg.qformer.init_std)
     if cfg.init:
         copied, skipped = ckpt.init_from(model, cfg.init)
         _note(f"model.init: {copied} weights from {cfg.init} ({skipped} not used)")
     model.train()
     return model
+
+
+TRAINED_FROM_SCRATCH = ("query_tokens", "qformer.", "vision_proj.", "text_proj.", "itm_head.", "llm_proj.")
+
+
+@torch.no_grad()
+def _reinit(model: Blip2, std: float) -> None:
+    """Redraw the random weight matrices, embeddings and query tokens of the trained parts at `std` (LayerNorms,
+    biases and temp keep their init). BERT's 0.02 suits width 768; a width-64 Q-Former at 0.02 starts with
+    query outputs that are 99.99% the same for every image and text features 99.99% the same for every caption,
+    a saddle that ITC and ITM leave only after hundreds of steps (README, "a healthy stage-1 run")."""
+    for name, p in model.named_parameters():
+        if name.startswith(TRAINED_FROM_SCRATCH) and p.ndim >= 2:
+            p.normal_(0.0, std)
+    model.qformer.tie_weights()
 
 
 def _feature_cache(recipe: Recipe, model: Blip2, data: TrainData, device: torch.device) -> FeatureCache:
@@ -280,6 +300,7 @@ def fit(acc, objective: nn.Module, optimizer, data: TrainData, val: ValBatches |
     steps_per_epoch = data.batches_per_epoch / state.accumulation
     trainable = [p for p in model.parameters() if p.requires_grad]
     log = _Logger(acc, out, on_log)
+    watch = StuckWatch(t.stuck_warning_steps, t.micro_batch_size * acc.num_processes, state.step)
     window: dict[str, list[Tensor]] = defaultdict(list)
     clock, seen, shown = time.perf_counter(), 0, ""
     objective.train()
@@ -309,7 +330,10 @@ def fit(acc, objective: nn.Module, optimizer, data: TrainData, val: ValBatches |
                           "epoch": round(state.micro_batches / data.batches_per_epoch, 4),
                           "samples_per_s": round(seen / (time.perf_counter() - clock), 2)}
                 log(record)
-                shown = f"loss {record['loss']:.4f}  {record['samples_per_s']:.1f} samples/s  lr {lr:.2e}"
+                warning = watch(record)
+                if warning and acc.is_main_process:
+                    _note(warning)
+                shown = _progress_info(record, lr)
                 window.clear()
                 clock, seen = time.perf_counter(), 0
             bar(state.step, shown)
@@ -321,6 +345,15 @@ def fit(acc, objective: nn.Module, optimizer, data: TrainData, val: ValBatches |
                 break
     log.close()
     return state
+
+
+def _progress_info(record: dict[str, Any], lr: float) -> str:
+    """The progress line: the losses, stage 1's health metrics where present, speed and learning rate."""
+    parts = [f"loss {record['loss']:.4f}"]
+    parts += [f"{k} {record[k]:.3f}" for k in ("itc", "itm", "itg", "itc_acc", "itm_acc") if k in record]
+    if "temp" in record:
+        parts.append(f"temp {record['temp']:.4f}")
+    return "  ".join(parts + [f"{record['samples_per_s']:.1f} samples/s", f"lr {lr:.2e}"])
 
 
 def _mean(acc, window: dict[str, list[Tensor]]) -> dict[str, float]:
@@ -340,7 +373,8 @@ def evaluate(acc, objective: nn.Module, val: ValBatches) -> dict[str, float]:
     with torch.random.fork_rng(devices=devices):
         for batch in val:
             for name, value in objective(batch.to(acc.device)).items():
-                window[name].append(value.float())
+                if name != "temp":  # a weight, not a measurement of the held-out data
+                    window[name].append(value.float())
     objective.train()
     return {f"val_{name}": value for name, value in _mean(acc, window).items()}
 
