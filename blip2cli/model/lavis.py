@@ -26,7 +26,7 @@ from blip2cli.model.placement import placement
 from blip2cli.model.weights import safe_torch_load
 
 
-def load_lavis(path: Path, place_args: tuple[str, str], name: str, vision: str | None, llm: str | None,
+def load_lavis(path: Path, place_args: tuple[str, ...], name: str, vision: str | None, llm: str | None,
                tokenizer: str = "bert-base-uncased") -> Blip2:
     """LAVIS checkpoints are partial state dicts under "model" (spec §9.1). Stage-1 files keep the ITG head and
     temperature; the ViT comes from the file (fine-tuned ones) or from `vision`; the LLM from `llm`."""

@@ -7,9 +7,11 @@ Pickles go through `torch.load(weights_only=True)` only: anything else is refuse
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +48,21 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
         flat = torch.frombuffer(mapped, dtype=dtype, count=(hi - lo) // dtype.itemsize, offset=start + lo)
         tensors[name] = flat.view(info["shape"])
     return tensors
+
+
+def release_pages(tensor: Tensor) -> None:
+    """Drop the resident pages wholly inside a memory-mapped tensor once it has been consumed (a weight just
+    quantized): the mapping is private and never written, so a later read would fault them back in from the
+    file. Keeps resident memory near the quantized model's size while loading. Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    lo = tensor.data_ptr()
+    hi = lo + tensor.numel() * tensor.element_size()
+    start, end = -(-lo // page) * page, hi // page * page  # inward: never a page shared with a neighbour
+    if end > start:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
 
 
 def safe_torch_load(path: Path) -> dict:
