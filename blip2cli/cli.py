@@ -91,6 +91,8 @@ GenModelOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16 (the frozen towers).")]
+QuantizeOpt = Annotated[str, typer.Option("--quantize", help="none, int8 or int4: the frozen ViT's and LLM's weights "
+                                          "(int8 on CPU needs torchao; CUDA int8/int4 bitsandbytes).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 BeamsOpt = Annotated[
     int | None, typer.Option("--num-beams", min=1, help="Beam-search width (1 = greedy); default: the paper's.")
@@ -136,6 +138,7 @@ def caption(
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Append each record to this JSONL file as it comes; a rerun skips the images "
@@ -175,7 +178,7 @@ def caption(
 
     from blip2cli.model.load import load_model
 
-    net = load_model(model, device, dtype)
+    net = load_model(model, device, dtype, quantize=quantize)
     text = net.cfg.llm.prompt if prompt is None else prompt
     if net.llm is None and text:
         warn("--prompt is ignored: this model has no language model and captions with the Q-Former")
@@ -264,6 +267,7 @@ def ask(
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Append each record to this JSONL file; with --batch a rerun skips the questions "
@@ -313,7 +317,7 @@ def ask(
 
     from blip2cli.model.load import load_model
 
-    net = load_model(model, device, dtype)
+    net = load_model(model, device, dtype, quantize=quantize)
     if net.llm is None:
         raise UsageError(f"{model}: a stage-1 model (Q-Former only) has no language model to answer with; "
                          "use blip2 caption, or a stage-2 model")  # fmt: skip
@@ -426,6 +430,7 @@ def index(
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     index_key: Annotated[
         str | None,
         typer.Option("--index-key", help="FAISS index: auto (by size), or a faiss factory string with an optional "
@@ -448,7 +453,7 @@ def index(
 
     paths = expand_inputs(inputs)
     report = index_images(
-        paths, index_dir, lambda name: load_encoder(name, device, dtype, batch_size), model=model,
+        paths, index_dir, lambda name: load_encoder(name, device, dtype, batch_size, quantize), model=model,
         batch_size=batch_size, workers=workers, index_key=index_key, progress=progress, export=export,
     )
     if report is None:  # a non-zero rank of a distributed run: rank 0 reports
@@ -486,6 +491,7 @@ def search(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per ITM forward pass.")] = 32,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     json_out: JsonOpt = False,
 ) -> None:
     """Search an index by text (ITC max over the 32 query vectors, then ITM re-rank) or by image.
@@ -500,7 +506,7 @@ def search(
     if (query is None) == (image is None):
         raise UsageError("give a QUERY text or --image PATH (exactly one of them)")
     result = search_index(
-        index_dir, lambda name: load_encoder(name, device, dtype, batch_size), query, image, model=model, k=k,
+        index_dir, lambda name: load_encoder(name, device, dtype, batch_size, quantize), query, image, model=model, k=k,
         rerank_k=rerank_k if rerank and image is None else None, dedup_threshold=dedup,
     )
     if result.stale_index:
@@ -593,7 +599,7 @@ def finetune(
     _train(recipe, sets or [], out, resume, max_steps, json_out, None)
 
 
-def _eval_model(name: str, device: str, dtype: str) -> tuple[Any, Callable[[list[Path]], Any]]:
+def _eval_model(name: str, device: str, dtype: str, quantize: str = "none") -> tuple[Any, Callable[[list[Path]], Any]]:
     """Load `--model` for a benchmark and a pixel loader at its resolution; an unusable image stops the run."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -602,7 +608,7 @@ def _eval_model(name: str, device: str, dtype: str) -> tuple[Any, Callable[[list
     from blip2cli.errors import InputError
     from blip2cli.model.load import load_model
 
-    model = load_model(name, device, dtype)
+    model = load_model(name, device, dtype, quantize=quantize)
     cfg = model.cfg
 
     def pixels(paths: list[Path]) -> Any:
@@ -687,6 +693,7 @@ def eval_caption(
     min_new_tokens: MinNewOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     batch_size: BatchOpt = 16,
     out: EvalOutOpt = None,
     json_out: JsonOpt = False,
@@ -711,7 +718,7 @@ def eval_caption(
         ds.check_same_ids(set(preds), set(data.refs), predictions, annotations, "image")
     else:
         paths = ds.resolve_images(images, [data.files[i] for i in data.refs])
-        net, pixels = _eval_model(model, device, dtype)
+        net, pixels = _eval_model(model, device, dtype, quantize)
         options = _eval_options(presets.caption_options(net, prompt), num_beams, max_new_tokens, min_new_tokens)
         log = resume_log(out, {"task": "caption", "model": model, "annotations": str(annotations), "prompt": prompt,
                                "options": vars(options)})  # fmt: skip
@@ -757,6 +764,7 @@ def eval_vqa(
     min_new_tokens: MinNewOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     batch_size: BatchOpt = 16,
     out: EvalOutOpt = None,
     json_out: JsonOpt = False,
@@ -790,7 +798,7 @@ def eval_vqa(
         from blip2cli.data.transforms import clean_question
 
         paths = ds.resolve_images(images, [q.images for q in items])
-        net, pixels = _eval_model(model, device, dtype)
+        net, pixels = _eval_model(model, device, dtype, quantize)
         options = _eval_options(presets.vqa_options(net), num_beams, max_new_tokens, min_new_tokens)
         log = resume_log(out, {"task": f"vqa-{dataset}", "model": model, "questions": str(questions or annotations),
                                "template": template, "lemmatize": lemma, "options": vars(options)})  # fmt: skip
@@ -831,6 +839,7 @@ def eval_retrieval(
     images: EvalImagesOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     batch_size: BatchOpt = 16,
     out: EvalOutOpt = None,
     json_out: JsonOpt = False,
@@ -848,7 +857,7 @@ def eval_retrieval(
         from blip2cli.eval import resume_log, retrieval
 
         paths = ds.resolve_images(images, [[p] for p in data.images])
-        net, pixels = _eval_model(model, device, dtype)
+        net, pixels = _eval_model(model, device, dtype, quantize)
         net.cfg.qformer.max_text_len = 35  # spec §8: retrieval evaluation pads/truncates texts at 35 tokens
         texts = [clean_caption(t) for t in data.texts]
         settings = {"task": f"retrieval-{dataset}", "model": model, "annotations": str(annotations), "k_test": k_test}

@@ -362,6 +362,8 @@ class TrainConfig:
     keep_last: int = 0  # keep only the newest N step folders; 0 = keep all
     fsdp: bool = False  # with several processes, shard the frozen ViT and LLM block by block (FSDP2) so each
     # process holds 1/N of them; the trained parts stay replicated under DDP (train/sharding.py)
+    quantize: Literal["none", "int8", "int4"] = "none"  # store the frozen ViT's and LLM's linear layers in int8
+    # (torchao on CPU, LLM.int8 on CUDA) or NF4 (CUDA): QLoRA-style memory; the trained parts stay full precision
 
     def __post_init__(self) -> None:
         positive = {"lr": self.lr, "max_steps": self.max_steps, "global_batch_size": self.global_batch_size,
@@ -384,6 +386,9 @@ class TrainConfig:
             raise UsageError(f"lr_layer_decay: expected a value in (0, 1], got {self.lr_layer_decay}")
         if not all(0 <= b < 1 for b in self.betas):
             raise UsageError(f"betas: expected two values in [0, 1), got {list(self.betas)}")
+        if self.quantize != "none" and self.fsdp:
+            raise UsageError("train.quantize: quantized frozen towers are not sharded by train.fsdp; use one or the "
+                             "other (quantized weights already take a quarter of the memory or less)")
 
 
 @dataclass

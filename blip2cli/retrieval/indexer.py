@@ -126,10 +126,11 @@ class ModelEncoder:
             return None
 
 
-def load_encoder(model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 32) -> ModelEncoder:
+def load_encoder(model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 32,
+                 quantize: str = "none") -> ModelEncoder:
     from blip2cli.model.load import load_model
 
-    return ModelEncoder(load_model(model, device, dtype), batch_size)
+    return ModelEncoder(load_model(model, device, dtype, quantize=quantize), batch_size)
 
 
 @dataclass
