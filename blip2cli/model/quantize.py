@@ -54,12 +54,14 @@ def check(quantize: str, device: torch.device) -> None:
 
 
 def _torchao():
+    logging.disable(logging.WARNING)  # torchao's import logs deprecation chatter about torch's pytree (2.14)
     try:
-        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao import chatter on torch 2.14
         import torchao.quantization as tq
     except ImportError:
         raise UsageError('--quantize int8 on a CPU needs torchao: pip install "blip2cli[quantize]" '
                          "(or pip install torchao), or use --quantize none") from None
+    finally:
+        logging.disable(logging.NOTSET)
     return tq
 
 
