@@ -115,9 +115,10 @@ def _bnb_linear(linear: nn.Linear, quantize: str, device: torch.device) -> nn.Mo
                               compress_statistics=True, quant_type="nf4", device="meta")
         q.weight = bnb.nn.Params4bit(weight.to(torch.bfloat16), requires_grad=False, compress_statistics=True,
                                      quant_type="nf4")
-    if bias and not linear.bias.is_meta:  # else the checkpoint's bias arrives later (load.fill)
-        q.bias = nn.Parameter(linear.bias.detach().to(device, torch.float32), requires_grad=False)
-    return q.to(device)  # the weight is quantized on its way to the GPU
+    q.weight = q.weight.to(device)  # quantized on its way to the GPU
+    if bias and not linear.bias.is_meta:  # else the checkpoint's bias arrives later (load.fill assigns it)
+        q.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
+    return q
 
 
 def quantized_bytes(model: nn.Module) -> int:
