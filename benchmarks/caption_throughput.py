@@ -21,6 +21,13 @@ transposed, and oneDNN-packed for that row count; the fastest counts): no attent
 algorithm would change the tokens.)
 
     .venv/bin/python benchmarks/caption_throughput.py --repeats 3
+
+With --quantize int8 (issue #15) it measures instead ours with int8 frozen towers (torchao; model/quantize.py)
+against ours fp32 and transformers fp32, alternating the three in the same run (no e2e column, no floor), and
+beside each speed the fidelity against ours fp32: next-token top-1 agreement over teacher-forced caption tokens
+(each image's fp32 greedy caption fed to both models) and the share of identical captions.
+
+    .venv/bin/python benchmarks/caption_throughput.py --quantize int8 --repeats 2
 """
 
 from __future__ import annotations
@@ -149,6 +156,79 @@ def linear_step_s(lm: torch.nn.Module, rows: int, reps: int = 3) -> float:
     return best
 
 
+def hf_generate(hf, prompt_ids: list[int], px: torch.Tensor, o) -> torch.Tensor:
+    ids = torch.tensor([prompt_ids] * px.shape[0])
+    out = hf.generate(pixel_values=px, input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                      num_beams=o.num_beams, max_new_tokens=o.max_new_tokens, min_new_tokens=o.min_new_tokens)
+    return out[:, ids.shape[1]:]
+
+
+def top1_agreement(ref, other, pixels: torch.Tensor, captions: list[torch.Tensor]) -> float:
+    """Share of caption positions where `other` predicts the same next token as `ref`, both fed [prefix ; BOS ;
+    ref's caption] (teacher forcing): how often quantization changes a greedy choice, free of error cascades."""
+    same = total = 0
+    for px, caption in zip(pixels, captions):
+        bos = torch.tensor([ref.llm.tokenizer.bos_token_id])
+        ids = torch.cat((bos, caption))[None]  # (1, 1 + L)
+        picks = []
+        for model in (ref, other):
+            prefix = model.llm_prefix(model.vision_embeds(px[None]))  # (1, Q, D)
+            embeds = torch.cat((prefix, model.llm.model.get_input_embeddings()(ids)), dim=1)
+            logits = model.llm.model(inputs_embeds=embeds).logits[0, prefix.shape[1]:-1]  # predicts caption[i]
+            picks.append(logits.argmax(-1))
+        same += int((picks[0] == picks[1]).sum())
+        total += len(caption)
+    return same / max(total, 1)
+
+
+def quantized_table(ours, hf, quant, pixels: torch.Tensor, prompt_ids: list[int], args, t0: float) -> None:
+    from blip2cli.config import GenerationOptions
+    from blip2cli.model.quantize import quantized_bytes
+
+    n = len(pixels)
+    fp32_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    print(f"ours {args.quantize}: weights {quantized_bytes(quant) / 2**20:.0f} MiB against {fp32_bytes / 2**20:.0f} "
+          f"MiB in fp32 (Q-Former, projections, LM head and embeddings stay fp32)")  # fmt: skip
+    eos = set(ours.llm.eos_token_ids()) | {ours.llm.tokenizer.pad_token_id}
+
+    def trimmed(row: torch.Tensor) -> torch.Tensor:
+        ends = [i for i, t in enumerate(row.tolist()) if t in eos]
+        return row[: ends[0] + 1] if ends else row
+
+    print(f"\n{'decoding':<8} {'batch':>5} {'ours fp32':>10} {'hf fp32':>8} {'ours ' + args.quantize:>10} "
+          f"{'int8/hf':>8} {'int8/fp32':>9} {'fp32=hf':>8} {'same captions':>14} {'load':>5}")  # fmt: skip
+    agreement = None
+    with torch.inference_mode():
+        for name, beams in (("greedy", 1), ("beam-5", 5)):
+            o = GenerationOptions(num_beams=beams, max_new_tokens=args.max_new_tokens,
+                                  min_new_tokens=min(7, args.max_new_tokens))
+            for bs in (1, 8):
+                impls = {"fp32": lambda px: ours.llm.generate_tokens(ours.llm_prefix(ours.vision_embeds(px)),
+                                                                   [""] * px.shape[0], o),
+                         "hf": lambda px: hf_generate(hf, prompt_ids, px, o),
+                         "quant": lambda px: quant.llm.generate_tokens(quant.llm_prefix(quant.vision_embeds(px)),
+                                                                     [""] * px.shape[0], o)}  # fmt: skip
+                runs: dict[str, list[float]] = {k: [] for k in impls}
+                outputs: dict[str, list[torch.Tensor]] = {}
+                for _ in range(args.repeats):
+                    for key, fn in impls.items():
+                        t = time.perf_counter()
+                        outputs[key] = [row for i in range(0, n, bs) for row in fn(pixels[i : i + bs])]
+                        runs[key].append(time.perf_counter() - t)
+                rate = {k: n / statistics.median(v) for k, v in runs.items()}
+                fp32_hf = all(torch.equal(trimmed(a), trimmed(b)) for a, b in zip(outputs["fp32"], outputs["hf"]))
+                same = sum(torch.equal(trimmed(a), trimmed(b)) for a, b in zip(outputs["fp32"], outputs["quant"]))
+                print(f"{name:<8} {bs:>5} {rate['fp32']:>10.2f} {rate['hf']:>8.2f} {rate['quant']:>10.2f} "
+                      f"{rate['quant'] / rate['hf']:>7.2f}x {rate['quant'] / rate['fp32']:>8.2f}x "
+                      f"{'yes' if fp32_hf else 'DIFFER':>8} {same:>6}/{n:<7} {os.getloadavg()[0]:>5.1f}",
+                      flush=True)  # fmt: skip
+                if beams == 1 and bs == 1:
+                    agreement = top1_agreement(ours, quant, pixels, [trimmed(r) for r in outputs["fp32"]])
+    print(f"\nfidelity ({args.quantize} against fp32, {n} images): next-token top-1 agreement {100 * agreement:.1f}% "
+          f"over the teacher-forced fp32 greedy captions; identical captions per setting in the table")  # fmt: skip
+    print(f"total {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f} (others share this CPU)")
+
+
 def clock(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
@@ -162,6 +242,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=30, help="fewer for a quick check of the script")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cache", type=Path, default=ROOT / ".bench" / "blip2-mid")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8"], help="compare ours quantized")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer, Blip2ForConditionalGeneration
@@ -184,6 +265,11 @@ def main() -> None:
     print(f"setup {time.perf_counter() - t0:.0f} s; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M parameters; {len(files)} images")  # fmt: skip
 
+    image_id = tok.convert_tokens_to_ids("<image>")
+    prompt_ids = [image_id] * Q + tok("").input_ids  # [<image> x 32 ; BOS], as Blip2Processor builds it
+    if args.quantize != "none":
+        return quantized_table(ours, hf, load_model(str(path), "cpu", "float32", quantize=args.quantize), pixels,
+                               prompt_ids, args, t0)
     gflops = matmul_gflops()
     with torch.inference_mode():
         ours.vision_embeds(pixels[:2])
@@ -193,8 +279,6 @@ def main() -> None:
     print(f"image encoder, batch {len(files)}: {vit_flops() / 1e9:.1f} GFLOP/image, {vit_s:.2f} s, "
           f"{vit_rate:.1f} GFLOP/s = {100 * vit_rate / gflops:.0f}% of matmul peak")  # fmt: skip
 
-    image_id = tok.convert_tokens_to_ids("<image>")
-    prompt_ids = [image_id] * Q + tok("").input_ids  # [<image> x 32 ; BOS], as Blip2Processor builds it
 
     def hf_tokens(px: torch.Tensor, o: GenerationOptions) -> torch.Tensor:
         ids = torch.tensor([prompt_ids] * px.shape[0])

@@ -104,6 +104,8 @@ GenModelOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16 (the frozen towers).")]
+QuantizeOpt = Annotated[str, typer.Option("--quantize", help="none, int8 or int4: the frozen ViT's and LLM's weights "
+                                          "(int8 on CPU needs torchao; CUDA int8/int4 bitsandbytes).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 BeamsOpt = Annotated[
     int | None, typer.Option("--num-beams", min=1, help="Beam-search width (1 = greedy); default: the paper's.")
@@ -149,6 +151,7 @@ def caption(
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Append each record to this JSONL file as it comes; a rerun skips the images "
@@ -181,7 +184,7 @@ def caption(
         note(f"{len(paths) - len(todo)} of {len(paths)} images already captioned in {out}: skipped")
     if not todo:
         return
-    net = _load(model, device, dtype, "caption", "caption")
+    net = _load(model, device, dtype, "caption", "caption", quantize)
     _seed(seed)
     records = job.caption_images(net, todo, decoding=decoding, prompt=prompt, keep_prompt=keep_prompt,
                                  batch_size=batch_size, log=log)  # fmt: skip
@@ -205,12 +208,12 @@ def caption(
     _failures(failed, len(todo), "images")
 
 
-def _load(name: str, device: str, dtype: str, need: Need, job: str) -> Blip2:
+def _load(name: str, device: str, dtype: str, need: Need, job: str, quantize: str = "none") -> Blip2:
     """Load `--model` and refuse it at once (one line, exit 2) when it cannot do the job."""
     from blip2cli.model.capabilities import require
     from blip2cli.model.load import load_model
 
-    model = load_model(name, device, dtype)
+    model = load_model(name, device, dtype, quantize=quantize)
     require(model, need, job, name)
     return model
 
@@ -272,6 +275,7 @@ def ask(
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Append each record to this JSONL file; with --batch a rerun skips the questions "
@@ -305,7 +309,7 @@ def ask(
         if len(todo) < len(items):
             note(f"{len(items) - len(todo)} questions already answered in {out}: skipped")
         items = todo
-    net = _load(model, device, dtype, "answer", "ask")
+    net = _load(model, device, dtype, "answer", "ask", quantize)
     _seed(seed)
     if log is None and out is not None:
         log = JsonlLog(out)
@@ -395,6 +399,7 @@ def index(
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     index_key: Annotated[
         str | None,
         typer.Option("--index-key", help="FAISS index: auto (by size), or a faiss factory string with an optional "
@@ -417,7 +422,7 @@ def index(
 
     paths = expand_inputs(inputs)
     report = index_images(
-        paths, index_dir, lambda name: load_encoder(name, device, dtype, batch_size), model=model,
+        paths, index_dir, lambda name: load_encoder(name, device, dtype, batch_size, quantize), model=model,
         batch_size=batch_size, workers=workers, index_key=index_key, progress=progress, export=export,
     )
     if report is None:  # a non-zero rank of a distributed run: rank 0 reports
@@ -455,6 +460,7 @@ def search(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per ITM forward pass.")] = 32,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     json_out: JsonOpt = False,
 ) -> None:
     """Search an index by text (ITC max over the 32 query vectors, then ITM re-rank) or by image.
@@ -469,7 +475,7 @@ def search(
     if (query is None) == (image is None):
         raise UsageError("give a QUERY text or --image PATH (exactly one of them)")
     result = search_index(
-        index_dir, lambda name: load_encoder(name, device, dtype, batch_size), query, image, model=model, k=k,
+        index_dir, lambda name: load_encoder(name, device, dtype, batch_size, quantize), query, image, model=model, k=k,
         rerank_k=rerank_k if rerank and image is None else None, dedup_threshold=dedup,
     )
     if result.stale_index:
@@ -614,6 +620,7 @@ def eval_caption(
     min_new_tokens: MinNewOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     batch_size: BatchOpt = 16,
     out: EvalOutOpt = None,
     json_out: JsonOpt = False,
@@ -628,6 +635,7 @@ def eval_caption(
         annotations=annotations, predictions=predictions, model=model, images=images, dataset=dataset,
         metrics=[m.strip() for m in metrics.split(",") if m.strip()], prompt=prompt,
         decoding=Decoding(num_beams, max_new_tokens, min_new_tokens).check(), device=device, dtype=dtype,
+        quantize=quantize,
         batch_size=batch_size, out=out,
     )
     _eval_report(record, json_out)
@@ -662,6 +670,7 @@ def eval_vqa(
     min_new_tokens: MinNewOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     batch_size: BatchOpt = 16,
     out: EvalOutOpt = None,
     json_out: JsonOpt = False,
@@ -673,6 +682,7 @@ def eval_vqa(
         annotations=annotations, questions=questions, predictions=predictions, model=model, images=images,
         dataset=dataset, normalize=normalize, lemmatize_predictions=lemmatize, template=template,
         decoding=Decoding(num_beams, max_new_tokens, min_new_tokens).check(), device=device, dtype=dtype,
+        quantize=quantize,
         batch_size=batch_size, out=out,
     )
     _eval_report(record, json_out)
@@ -694,6 +704,7 @@ def eval_retrieval(
     images: EvalImagesOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     batch_size: BatchOpt = 16,
     out: EvalOutOpt = None,
     json_out: JsonOpt = False,
@@ -704,7 +715,8 @@ def eval_retrieval(
 
     record = job(
         annotations=annotations, predictions=predictions, model=model, images=images, dataset=dataset,
-        k_test=k_test, max_text_len=35, device=device, dtype=dtype, batch_size=batch_size, out=out,
+        k_test=k_test, max_text_len=35, device=device, dtype=dtype, quantize=quantize, batch_size=batch_size,
+        out=out,
     )
     _eval_report(record, json_out)
 
@@ -738,6 +750,7 @@ def capfilt(
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     json_out: JsonOpt = False,
 ) -> None:
     """Bootstrap captions for web images (CapFilt): sample captions, rank them with the original text, keep the best.
@@ -759,9 +772,9 @@ def capfilt(
         seed=seed, captioner=captioner, scorer=scorer,
     )  # fmt: skip
     groups = read_sources(inputs, shard_size, images)
-    scoring = load_scorer(scorer, device, dtype, need_itm=settings.filter == "itm")
+    scoring = load_scorer(scorer, device, dtype, need_itm=settings.filter == "itm", quantize=quantize)
     same = captioner == scorer and isinstance(scoring, Blip2Scorer)  # a stage-1 model can do both: load it once
-    captioning = scoring.model if same else load_model(captioner, device, dtype)
+    captioning = scoring.model if same else load_model(captioner, device, dtype, quantize=quantize)
     try:
         report = run_capfilt(captioning, scoring, groups, settings, out, batch_size=batch_size, progress=progress,
                              warn=warn)

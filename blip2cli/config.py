@@ -418,6 +418,8 @@ class TrainConfig:
     # ln(micro_batch_size x processes) for this many optimizer steps (train/health.py); 0 = never
     fsdp: bool = False  # with several processes, shard the frozen ViT and LLM block by block (FSDP2) so each
     # process holds 1/N of them; the trained parts stay replicated under DDP (train/sharding.py)
+    quantize: Literal["none", "int8", "int4"] = "none"  # store the frozen ViT's and LLM's linear layers in int8
+    # (torchao on CPU, LLM.int8 on CUDA) or NF4 (CUDA): QLoRA-style memory; the trained parts stay full precision
 
     def __post_init__(self) -> None:
         positive = {"lr": self.lr, "max_steps": self.max_steps, "global_batch_size": self.global_batch_size,
@@ -448,6 +450,9 @@ class TrainConfig:
                              "learning rate (expected at most 1, e.g. 1e-4)")
         if self.weight_decay >= 1:
             raise UsageError(f"weight_decay: expected a value in [0, 1), got {self.weight_decay}")
+        if self.quantize != "none" and self.fsdp:
+            raise UsageError("train.quantize: quantized frozen towers are not sharded by train.fsdp; use one or the "
+                             "other (quantized weights already take a quarter of the memory or less)")
 
 
 @dataclass

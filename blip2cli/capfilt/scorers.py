@@ -111,7 +111,7 @@ def is_clip(name: str) -> bool:
     return not path.exists() and bool(re.search(r"(^|/|-)clip", name, re.I)) and "blip" not in name.lower()
 
 
-def load_scorer(name: str, device: str, dtype: str, need_itm: bool) -> Scorer:
+def load_scorer(name: str, device: str, dtype: str, need_itm: bool, quantize: str = "none") -> Scorer:
     """--scorer: a CLIP model (folder or hub id), else anything --model takes."""
     from blip2cli.model.load import download, load_model
     from blip2cli.model.placement import placement
@@ -119,7 +119,9 @@ def load_scorer(name: str, device: str, dtype: str, need_itm: bool) -> Scorer:
     if is_clip(name):
         if need_itm:
             raise UsageError("--filter itm needs an ITM head: use a BLIP-2 scorer, not CLIP")
+        if quantize != "none":
+            raise UsageError("--quantize: CLIP scorers run unquantized; drop --quantize or use a BLIP-2 scorer")
         path = Path(name).expanduser()
         place = placement(device, dtype)
         return ClipScorer(path if path.is_dir() else download(name), name, place.device, place.vision)
-    return Blip2Scorer(load_model(name, device, dtype), need_itm)
+    return Blip2Scorer(load_model(name, device, dtype, quantize=quantize), need_itm)

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 PixelsFn = Callable[[Sequence[Path]], "Tensor"]
 
 
-def load_model(name: str, device: str, dtype: str, need: Need, job: str) -> tuple[Blip2, PixelsFn]:
+def load_model(name: str, device: str, dtype: str, need: Need, job: str, quantize: str = "none"
+               ) -> tuple[Blip2, PixelsFn]:
     """Load `--model` for a benchmark (refused at once if it cannot do `need`) and a pixel loader at its
     resolution; an unusable image stops the run, since a benchmark needs every image."""
     from blip2cli.data.images import load_image
@@ -34,7 +35,7 @@ def load_model(name: str, device: str, dtype: str, need: Need, job: str) -> tupl
     from blip2cli.model import load
     from blip2cli.model.capabilities import require
 
-    model = load.load_model(name, device, dtype)
+    model = load.load_model(name, device, dtype, quantize=quantize)
     require(model, need, job, name)
     cfg = model.cfg
 

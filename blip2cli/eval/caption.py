@@ -277,6 +277,7 @@ def eval_caption(
     decoding: Decoding = Decoding(),
     device: str = "auto",
     dtype: str = "auto",
+    quantize: str = "none",
     batch_size: int = 16,
     out: Path | None = None,
 ) -> dict[str, Any]:
@@ -292,7 +293,7 @@ def eval_caption(
         ds.check_same_ids(set(preds), set(data.refs), predictions, annotations, "image")
     else:
         paths = ds.resolve_images(images, [data.files[i] for i in data.refs])
-        net, pixels = load_model(model, device, dtype, "caption", "eval caption")
+        net, pixels = load_model(model, device, dtype, "caption", "eval caption", quantize)
         options = decoding.apply(caption_defaults(net, prompt))
         log = resume_log(out, {"task": "caption", "model": model, "annotations": str(annotations), "prompt": prompt,
                                "options": vars(options)})  # fmt: skip

@@ -192,6 +192,7 @@ def eval_retrieval(
     max_text_len: int = 35,
     device: str = "auto",
     dtype: str = "auto",
+    quantize: str = "none",
     batch_size: int = 16,
     out: Path | None = None,
 ) -> dict[str, Any]:
@@ -205,7 +206,7 @@ def eval_retrieval(
         i2t_ranked, t2i_ranked = ds.read_retrieval_predictions(predictions, len(data.images), len(data.texts))
     else:
         paths = ds.resolve_images(images, [[p] for p in data.images])
-        net, pixels = load_model(model, device, dtype, "retrieval", "eval retrieval")
+        net, pixels = load_model(model, device, dtype, "retrieval", "eval retrieval", quantize)
         texts = [clean_caption(t) for t in data.texts]
         settings = {"task": f"retrieval-{dataset}", "model": model, "annotations": str(annotations), "k_test": k_test}
         log = resume_log(out, settings, "itm_rows.jsonl")  # a rerun with the same --out resumes the ITM re-ranking

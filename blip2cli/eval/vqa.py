@@ -259,6 +259,7 @@ def eval_vqa(
     decoding: Decoding = Decoding(),
     device: str = "auto",
     dtype: str = "auto",
+    quantize: str = "none",
     batch_size: int = 16,
     out: Path | None = None,
 ) -> dict[str, Any]:
@@ -287,7 +288,7 @@ def eval_vqa(
         if dataset != "gqa" and questions is None:
             raise UsageError("--questions: required with --model (the question file that goes with --annotations)")
         paths = ds.resolve_images(images, [q.images for q in items])
-        net, pixels = load_model(model, device, dtype, "answer", "eval vqa")
+        net, pixels = load_model(model, device, dtype, "answer", "eval vqa", quantize)
         options = decoding.apply(vqa_defaults(net))
         log = resume_log(out, {"task": f"vqa-{dataset}", "model": model, "questions": str(questions or annotations),
                                "template": template, "lemmatize": lemma, "options": vars(options)})  # fmt: skip

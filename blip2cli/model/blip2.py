@@ -62,6 +62,7 @@ class Blip2(nn.Module):
         self.tokenizer = tokenizer
         self.name = ""  # what --model said
         self.fingerprint = ""  # identifies the weights (retrieval indexes record it)
+        self.quantize = "none"  # none|int8|int4: how the frozen towers' linear layers are stored (model/quantize.py)
         self.fresh_itg_head = False  # loaded from HF format, which cannot hold temp and the ITG head
 
     # ------------------------------------------------------------------ inference API

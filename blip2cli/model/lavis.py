@@ -46,7 +46,7 @@ class Architecture:
     image_size: int | None = None
 
 
-def load_lavis(path: Path, place_args: tuple[str, str], name: str, vision: str | None, llm: str | None,
+def load_lavis(path: Path, place_args: tuple[str, ...], name: str, vision: str | None, llm: str | None,
                tokenizer: str = "bert-base-uncased", stated: Architecture | None = None) -> Blip2:
     """LAVIS checkpoints are partial state dicts under "model" (LAVIS model zoo). Stage-1 files keep the ITG head and
     temperature; the ViT comes from the file (fine-tuned ones) or from `vision`; the LLM from `llm`."""

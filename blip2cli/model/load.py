@@ -20,13 +20,14 @@ from torch import Tensor
 
 from blip2cli.config import LLMConfig, ModelConfig, QFormerConfig, VisionConfig, model_config_from_yaml
 from blip2cli.errors import UsageError
+from blip2cli.model import quantize
 from blip2cli.model.blip2 import Blip2
 from blip2cli.model.llm import FrozenLLM
 from blip2cli.model.names import DROPPED, hf_to_ours, lavis_to_ours, split_qkv_biases
 from blip2cli.model.placement import Placement, _target_dtype, placement
 from blip2cli.model.sizes import check_fits, config_float, config_int
 from blip2cli.model.vision import interpolate_pos_embed
-from blip2cli.model.weights import checkpoint_files, iter_tensors, read_safetensors, safe_torch_load
+from blip2cli.model.weights import checkpoint_files, iter_tensors, read_safetensors, release_pages, safe_torch_load
 
 KNOWN_HUB_IDS = (
     "Salesforce/blip2-opt-2.7b", "Salesforce/blip2-opt-6.7b", "Salesforce/blip2-opt-2.7b-coco",
@@ -68,7 +69,8 @@ def fill(model: Blip2, tensors: Iterable[tuple[str, Tensor]], place: Placement, 
     """Assign `tensors` (our names) to the model, cast per component. Returns the names that were filled.
     Unexpected names are an error under `strict`; missing ones are an error unless a prefix in `allow_missing`."""
     expected = dict(model.state_dict(keep_vars=True))
-    state, unexpected = {}, []
+    modules = dict(model.named_modules())
+    state, unexpected, quantized = {}, [], []
     for name, tensor in tensors:
         if name not in expected:
             unexpected.append(name)
@@ -79,7 +81,12 @@ def fill(model: Blip2, tensors: Iterable[tuple[str, Tensor]], place: Placement, 
         if tuple(tensor.shape) != tuple(target.shape):
             raise UsageError(f"{source}: weight {name} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(target.shape)}: the checkpoint does not match its config")
-        state[name] = tensor.to(_target_dtype(name, tensor, place))
+        value = tensor.to(_target_dtype(name, tensor, place))
+        if _quantize_weight(model, modules, name, value, place):
+            release_pages(tensor)  # this layer now lives in int8/int4: its fp32 pages can go
+            quantized.append(name)
+            continue
+        state[name] = value
     if unexpected and strict:
         raise UsageError(f"{source}: unexpected weights: {_few(unexpected)}")
     model.load_state_dict(state, strict=False, assign=True)
@@ -89,7 +96,24 @@ def fill(model: Blip2, tensors: Iterable[tuple[str, Tensor]], place: Placement, 
     missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(tuple(allow_missing))]
     if missing:
         raise UsageError(f"{source}: missing weights: {_few(missing)}")
-    return list(state)
+    return list(state) + quantized
+
+
+def _quantize_weight(model: Blip2, modules: dict[str, torch.nn.Module], name: str, value: Tensor,
+                     place: Placement) -> bool:
+    """Quantize a frozen tower's linear layer the moment its weight arrives (one layer in full precision at a
+    time, never the whole model). False: not a layer to quantize, assign it as usual."""
+    owner = name.removesuffix(".weight")
+    module = modules.get(owner)
+    if place.quantize == "none" or owner == name or module is None or not quantize.is_quantized_linear(owner, module):
+        return False
+    if not owner.startswith(quantize.frozen_prefixes(model.cfg.vision.freeze)):
+        return False
+    parent, _, child = owner.rpartition(".")
+    module.weight = torch.nn.Parameter(value, requires_grad=False)
+    int8_compute = owner.startswith("vision.tower.")  # many rows per matmul, never a gradient through it
+    quantize.quantize_linear(modules[parent], child, module, place.quantize, place.device, int8_compute)
+    return True
 
 
 def _few(names: list[str], n: int = 6) -> str:
@@ -122,7 +146,9 @@ def materialize(model: Blip2) -> list[str]:
 def finish(model: Blip2, place: Placement, name: str, fingerprint: str) -> Blip2:
     model.to(place.device)
     model.eval()
-    model.name, model.fingerprint = name, fingerprint
+    model.quantize = place.quantize
+    # quantized weights give other vectors: an index records it (retrieval/store.py refuses mixing)
+    model.name, model.fingerprint = name, fingerprint + ("" if place.quantize == "none" else f":{place.quantize}")
     return model
 
 
@@ -191,7 +217,7 @@ def _is_hf_dir(path: Path) -> bool:
         return False
 
 
-def load_hf_dir(path: Path, place_args: tuple[str, str], name: str) -> Blip2:
+def load_hf_dir(path: Path, place_args: tuple[str, ...], name: str) -> Blip2:
     from transformers import AutoTokenizer, Blip2Config
 
     try:
@@ -294,7 +320,7 @@ def _is_run_dir(path: Path) -> bool:
     return (path / RUN_RECIPE).is_file() and (path / RUN_WEIGHTS).is_file()
 
 
-def load_run_dir(path: Path, place_args: tuple[str, str], name: str) -> Blip2:
+def load_run_dir(path: Path, place_args: tuple[str, ...], name: str) -> Blip2:
     """A `blip2 pretrain/finetune` output: the recipe says how to rebuild the frozen parts."""
     cfg = model_config_from_yaml(path / RUN_RECIPE)
     trained = read_safetensors(path / RUN_WEIGHTS)
@@ -308,7 +334,7 @@ def _is_t5(model: Blip2) -> bool:
     return model.llm is not None and model.llm.is_encoder_decoder
 
 
-def build_model(cfg: ModelConfig, place_args: tuple[str, str] = ("auto", "auto"),
+def build_model(cfg: ModelConfig, place_args: tuple[str, ...] = ("auto", "auto"),
                 tokenizer_source: str | Path | None = None, initialize: bool = True) -> Blip2:
     """A model from its config: frozen LLM and vision weights from their named sources. With `initialize`, the
     rest gets fresh initial values (training); without, it stays on the meta device for a checkpoint to fill,
@@ -403,17 +429,18 @@ def vision_weights(source: str) -> Iterable[tuple[str, Tensor]]:
 
 
 def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", *, vision: str | None = None,
-               llm: str | None = None) -> Blip2:
-    """Everything `--model` accepts -> a ready Blip2 in eval mode on its device."""
+               llm: str | None = None, quantize: str = "none") -> Blip2:
+    """Everything `--model` accepts -> a ready Blip2 in eval mode on its device. `quantize` (none|int8|int4):
+    the frozen ViT's and LLM's linear layers, quantized while they load (model/quantize.py)."""
     path = Path(name_or_path).expanduser()
-    args = (device, dtype)
+    args = (device, dtype, quantize)
     if path.is_dir():
         if _is_run_dir(path):
             return load_run_dir(path, args, name_or_path)
         if _is_hf_dir(path):
             return load_hf_dir(path, args, name_or_path)
         if (path / "final").is_dir():
-            return load_model(str(path / "final"), device, dtype, vision=vision, llm=llm)
+            return load_model(str(path / "final"), device, dtype, vision=vision, llm=llm, quantize=quantize)
         raise UsageError(f"{path}: not a BLIP-2 checkpoint (expected a Hugging Face BLIP-2 config.json, "
                          f"or {RUN_RECIPE} + {RUN_WEIGHTS} from blip2 pretrain/finetune)")
     if path.is_file():

@@ -17,12 +17,14 @@ class Placement:
     device: torch.device
     vision: torch.dtype  # frozen image tower
     llm: torch.dtype  # frozen language model
+    quantize: str = "none"  # none|int8|int4: the frozen towers' linear layers (model/quantize.py)
     # The Q-Former, query tokens, ln_vision and projections always stay fp32 (HF modeling_blip_2).
 
 
-def placement(device: str = "auto", dtype: str = "auto", t5: bool = False) -> Placement:
+def placement(device: str = "auto", dtype: str = "auto", quantize: str = "none", t5: bool = False) -> Placement:
     """Accelerate picks the device for "auto". Frozen towers: bf16 on GPUs that have it (else fp16), fp32 on
-    CPU (no fp16 LayerNorm there, HF modeling_blip_2). Flan-T5 is never fp16 (NaNs, transformers #23918)."""
+    CPU (no fp16 LayerNorm there, HF modeling_blip_2). Flan-T5 is never fp16 (NaNs, transformers #23918). `quantize`
+    is checked against the device here, before anything loads."""
     if device == "auto":
         from accelerate import PartialState
 
@@ -48,7 +50,10 @@ def placement(device: str = "auto", dtype: str = "auto", t5: bool = False) -> Pl
     if t5 and tower == torch.float16:
         llm = torch.bfloat16 if dev.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float32
         warnings.warn("Flan-T5 does not run in float16 (it overflows): using " + str(llm).replace("torch.", ""))
-    return Placement(dev, tower, llm)
+    from blip2cli.model.quantize import check
+
+    check(quantize, dev)
+    return Placement(dev, tower, llm, quantize)
 
 
 def _target_dtype(name: str, tensor: Tensor, place: Placement) -> torch.dtype:

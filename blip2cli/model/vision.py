@@ -47,7 +47,10 @@ class EvaAttention(nn.Module):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, self.k_bias.to(self.q_bias.dtype), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias)  # (B, N, 3D)
+        if type(self.qkv) is nn.Linear:  # fp32/bf16, or torchao int8 (it dispatches F.linear)
+            qkv = F.linear(x, self.qkv.weight, bias)  # (B, N, 3D)
+        else:  # a bitsandbytes layer runs its own kernel (model/quantize.py)
+            qkv = self.qkv(x) if bias is None else self.qkv(x) + bias.to(x.dtype)
         q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, Dh)
         out = F.scaled_dot_product_attention(q, k, v)  # scale = Dh^-0.5 (88^-0.5 for ViT-g)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))

@@ -7,11 +7,13 @@ Pickles go through `torch.load(weights_only=True)` only: anything else is refuse
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,6 +96,25 @@ def _tensor_entry(name: str, info: object, body: int, bad) -> tuple[torch.dtype,
 
 def _is_count(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def release_pages(tensor: Tensor) -> None:
+    """Drop the resident pages wholly inside a memory-mapped tensor once it has been consumed (a weight just
+    quantized): the mapping is private and never written, so a later read would fault them back in from the
+    file. Also hands the quantizer's freed temporaries back to the system (glibc keeps them in its heap
+    otherwise: measured 2.1 GiB resident for a 1.2 GiB int8 ViT-g, 1.3 GiB with the trim). Keeps resident
+    memory near the quantized model's size while loading. Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    lo = tensor.data_ptr()
+    hi = lo + tensor.numel() * tensor.element_size()
+    start, end = -(-lo // page) * page, hi // page * page  # inward: never a page shared with a neighbour
+    libc = ctypes.CDLL(None, use_errno=True)
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+    if hasattr(libc, "malloc_trim"):  # glibc
+        libc.malloc_trim(0)
 
 
 def safe_torch_load(path: Path) -> dict:

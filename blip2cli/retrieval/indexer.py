@@ -126,11 +126,12 @@ class ModelEncoder:
             return None
 
 
-def load_encoder(model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 32) -> ModelEncoder:
+def load_encoder(model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 32,
+                 quantize: str = "none") -> ModelEncoder:
     from blip2cli.model.capabilities import require
     from blip2cli.model.load import load_model
 
-    net = load_model(model, device, dtype)
+    net = load_model(model, device, dtype, quantize=quantize)
     require(net, "retrieval", "retrieval (index, search)", model)  # before any image is read or any file written
     return ModelEncoder(net, batch_size)
 

@@ -178,6 +178,14 @@ class Store:
 
     def check_model(self, name: str, fingerprint: str) -> None:
         """Refuse vectors of another model (they are not comparable), saying what to do instead."""
+        weights, _, quantized = fingerprint.partition(":")  # load.finish: "<weights>[:int8|int4]"
+        built, _, built_quantized = self.info.fingerprint.partition(":")
+        if weights == built and quantized != built_quantized:
+            raise UsageError(
+                f"{self.root} was built with --quantize {built_quantized or 'none'}, not {quantized or 'none'}: "
+                f"vectors of differently quantized weights are not mixed; use --quantize {built_quantized or 'none'}, "
+                "or another --index folder"
+            )
         if fingerprint != self.info.fingerprint:
             raise UsageError(
                 f"{self.root} was built with model '{self.info.model}' (weights {self.info.fingerprint[:12]}), "

@@ -119,7 +119,7 @@ def run(recipe: Recipe, out: Path, resume: str | None = None, stop_after: int | 
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
     )
     set_seed(t.seed)  # the same initial weights on every rank
-    model = build_for_training(recipe, frozen_dtype)
+    model = build_for_training(recipe, frozen_dtype, str(acc.device))
     if resume_dir is not None:
         ckpt.load_weights(resume_dir, model)
     cache = _feature_cache(recipe, model, data, acc.device) if t.feature_cache else None
@@ -174,14 +174,17 @@ def _precision(recipe: Recipe, cuda: bool, seq2seq: bool) -> tuple[str, str]:
     return {"bf16": ("bf16", "bfloat16"), "fp16": ("fp16", "float16"), "fp32": ("no", "float32")}[wanted]
 
 
-def build_for_training(recipe: Recipe, frozen_dtype: str) -> Blip2:
+def build_for_training(recipe: Recipe, frozen_dtype: str, device: str = "cpu") -> Blip2:
     """The model on the CPU: frozen parts from their sources in `frozen_dtype` (a trained ViT in fp32), the rest
-    initialised, then `model.init`'s matching weights."""
+    initialised, then `model.init`'s matching weights. With `train.quantize`, the frozen towers' linear layers
+    are quantized on `device` as they load (bitsandbytes layers live on the GPU)."""
     from blip2cli.model.load import build_model
 
     cfg = recipe.model
     vit_trained = not cfg.vision.freeze
-    model = build_model(cfg, ("cpu", "float32" if vit_trained else frozen_dtype))
+    quantize = recipe.train.quantize
+    model = build_model(cfg, (device if quantize != "none" else "cpu", "float32" if vit_trained else frozen_dtype,
+                              quantize))
     if vit_trained and model.llm is not None:
         model.llm.to(getattr(torch, frozen_dtype))
     if vit_trained and recipe.train.grad_checkpointing:
