@@ -90,13 +90,13 @@ def _root(
 def env(json_out: JsonOpt = False) -> None:
     """Print versions of the project, Python, torch, transformers, faiss, CUDA, devices and Java."""
     from blip2cli import env as env_mod
-    from blip2cli.render import emit, table
+    from blip2cli.render import emit, results
 
     info = env_mod.collect()
     if json_out:
         emit(info)
     else:
-        table("blip2 env", ["what", "value"], [(k, v) for k, v in info.items()])
+        results("blip2 env", ["what", "value"], [(k, v) for k, v in info.items()])
 
 
 GenModelOpt = Annotated[
@@ -173,7 +173,7 @@ def caption(
     """
     from blip2cli import caption as job
     from blip2cli.data.inputs import expand_inputs
-    from blip2cli.render import emit, error, note, progress, table
+    from blip2cli.render import emit, error, line, note, progress, results, stdout_is_terminal
 
     paths = expand_inputs(inputs)
     decoding = Decoding(num_beams, max_new_tokens, min_new_tokens, sample, top_p, temperature, num_captions).check()
@@ -188,7 +188,7 @@ def caption(
     _seed(seed)
     records = job.caption_images(net, todo, decoding=decoding, prompt=prompt, keep_prompt=keep_prompt,
                                  batch_size=batch_size, log=log)  # fmt: skip
-    rows, failed = [], 0
+    rows, failed, stream = [], 0, not json_out and not stdout_is_terminal()
     try:
         for record in progress(records, len(todo), "captioning"):
             failed += "error" in record
@@ -196,6 +196,9 @@ def caption(
                 emit(record)
             elif "error" in record:
                 error(record["error"])
+            elif stream:  # a pipe or a file: path<TAB>caption, one line per caption, as they come
+                for text in record.get("captions", [record["caption"]]):
+                    line(record["image"], text)
             else:
                 rows.append((record["image"], "\n".join(record.get("captions", [record["caption"]]))))
     except KeyboardInterrupt:
@@ -204,7 +207,7 @@ def caption(
         if log is not None:
             log.close()
         if rows:
-            table(f"captions ({describe(job.caption_options(net, decoding, prompt))})", ["image", "caption"], rows)
+            results(f"captions ({describe(job.caption_options(net, decoding, prompt))})", ["image", "caption"], rows)
     _failures(failed, len(todo), "images")
 
 
@@ -331,7 +334,7 @@ def ask(
 
 def _show_answers(records: Iterable[dict[str, Any]], total: int, json_out: bool, single: bool) -> tuple[int, int]:
     """Each record on stdout (--json) or errors as they come and a table of answers at the end; (failed, total)."""
-    from blip2cli.render import console, emit, error, progress, table
+    from blip2cli.render import emit, error, line, progress, results
 
     answered, failed = [], 0
     for record in progress(records, total, "answering"):
@@ -343,9 +346,9 @@ def _show_answers(records: Iterable[dict[str, Any]], total: int, json_out: bool,
         else:
             answered.append(record)
     if not json_out and single and answered:
-        console.print(answered[0]["answer"], markup=False, highlight=False)
+        line(answered[0]["answer"])  # the answer alone: ans=$(blip2 ask x.jpg "...")
     elif not json_out and answered:
-        table("answers", ["image", "question", "answer"], [(r["image"], r["question"], r["answer"]) for r in answered])
+        results("answers", ["image", "question", "answer"], [(r["image"], r["question"], r["answer"]) for r in answered])
     return failed, total
 
 
@@ -356,7 +359,7 @@ def _chat(net: Blip2, image: str, question: str | None, template: str, instruct:
 
     from blip2cli.ask import Chat
     from blip2cli.caption import image_pixels
-    from blip2cli.render import console, emit, error, plain
+    from blip2cli.render import console, emit, error, line, plain, stdout_is_terminal
 
     pixels = image_pixels(Path(image), net.cfg.vision.image_size, net.cfg.image_mean, net.cfg.image_std)
     if isinstance(pixels, str):
@@ -382,7 +385,10 @@ def _chat(net: Blip2, image: str, question: str | None, template: str, instruct:
         if json_out:
             emit(record)
         else:
-            console.print(f"[bold]answer>[/] {plain(answer)}" if interactive else plain(answer), highlight=False)
+            if interactive and stdout_is_terminal():
+                console.print(f"[bold]answer>[/] {plain(answer)}", highlight=False)
+            else:
+                line(answer)  # results on stdout
         turns += 1
         question = None
     return 0, turns
@@ -467,7 +473,7 @@ def search(
 
     score = ITM logit + ITC cosine when re-ranked, else the ITC cosine. For --image, score is the image-to-image
     similarity: the mean over query vectors of the best-matching cosine, averaged both ways."""
-    from blip2cli.render import emit, table, warn
+    from blip2cli.render import emit, note, results, warn
     from blip2cli.retrieval.export import write_html
     from blip2cli.retrieval.indexer import load_encoder
     from blip2cli.retrieval.rank import search_index
@@ -490,7 +496,9 @@ def search(
     else:
         rows = [(h.rank, f"{h.score:.4f}", f"{h.itc:.4f}", "" if h.itm is None else f"{h.itm:.3f}", h.path)
                 for h in result.hits]
-        table(f"blip2 search: {query if image is None else image}", ["rank", "score", "itc", "itm", "path"], rows)
+        results(f"blip2 search: {query if image is None else image}", ["rank", "score", "itc", "itm", "path"], rows)
+    if html is not None:
+        note(f"wrote {html}")
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).", dir_okay=False)]

@@ -1,4 +1,7 @@
-"""All output goes through here: NDJSON records on stdout for machines, tables/progress/warnings on stderr.
+"""All output goes through here. Results go to stdout: NDJSON records with --json; otherwise a rich table when
+stdout is a terminal, and plain tab-separated lines (one result a line) when it is a pipe or a file, so
+`blip2 caption x.jpg > out.txt` and `ans=$(blip2 ask x.jpg "...")` work. Progress bars, notes, warnings and errors
+go to stderr.
 
 Text that users supply (file names, questions, captions, messages quoting them) is never read as rich markup: a file
 called `[red]x.jpg` prints as `[red]x.jpg`, and a path holding `[/]` cannot break a run. Warnings and errors are one
@@ -19,8 +22,29 @@ from blip2cli.files import json_line, printable
 
 T = TypeVar("T")
 
-# People read stderr; stdout is reserved for --json records.
+# Progress, notes and warnings: stderr. Results: stdout (`results`, `lines`, `emit`).
 console = Console(stderr=True, highlight=False)
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def line(*fields: Any) -> None:
+    """One plain result line on stdout: fields joined by tabs (tabs and newlines inside a field become spaces;
+    undecodable file-name bytes as \\xNN), flushed at once so a pipe sees each result as it comes."""
+    text = "\t".join(printable(" ".join(str(f).split("\t")).replace("\n", " ")) for f in fields)
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def results(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Results for people: a table on stdout when it is a terminal, else one tab-separated line per row."""
+    if stdout_is_terminal():
+        _print_table(Console(highlight=False), title, columns, rows)
+    else:
+        for row in rows:
+            line(*("" if v is None else v for v in row))
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -53,13 +77,17 @@ def failed_input(path: str, message: str) -> None:
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A readable table on stderr."""
+    """A readable table on stderr (summaries beside the results)."""
+    _print_table(console, title, columns, rows)
+
+
+def _print_table(where: Console, title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     t = Table(title=None if title is None else plain(title), show_lines=False)
     for c in columns:
         t.add_column(plain(c), overflow="fold")
     for row in rows:
         t.add_row(*("" if v is None else plain(v) for v in row))
-    console.print(t)
+    where.print(t)
 
 
 def progress(items: Iterable[T], total: int | None, description: str, threshold: int = 4) -> Iterator[T]:

@@ -189,7 +189,7 @@ def test_index_hostile_folder(hostile: Path, tmp_path: Path, fake_model) -> None
     assert paths == GOOD
     assert "caf\\xe9.png" in (tmp_path / "h.html").read_text(encoding="utf-8")
     table = runner.invoke(app, ["search", "a photo", "--index", str(idx)])
-    assert table.exit_code == 0 and "caf\\xe9.png" in table.stderr
+    assert table.exit_code == 0 and "caf\\xe9.png" in table.stdout
 
 
 def test_index_export_with_an_undecodable_name(hostile: Path, tmp_path: Path, fake_model) -> None:

@@ -142,8 +142,8 @@ def test_stage2_recipe_with_a_quantized_llm(tiny_opt_dir, tmp_path, monkeypatch)
     (tmp_path / "captions.json").write_text(json.dumps(coco))
     qtok = tmp_path / "qtok"
     vocab = len(tiny.bert_tokenizer(qtok))
-    sets = {"model.qformer.tokenizer": qtok, "model.qformer.vocab_size": vocab, "model.vision.image_size": 28,
-            "model.llm.name": tiny_opt_dir / "llm", "model.qformer.text": "false",
+    sets = {"stage": 2, "model.qformer.tokenizer": qtok, "model.qformer.vocab_size": vocab,
+            "model.vision.image_size": 28, "model.llm.name": tiny_opt_dir / "llm", "model.qformer.text": "false",
             "data.train[0].path": tmp_path / "captions.json", "data.train[0].image_root": images,
             "data.val[0].path": tmp_path / "captions.json", "data.val[0].image_root": images, "data.val_batches": 1,
             "train.max_steps": 2, "train.warmup_steps": 1, "train.global_batch_size": 4,

@@ -128,7 +128,8 @@ def test_search_html_page_is_self_contained(indexed, tmp_path):
     _, idx, _ = indexed
     page = tmp_path / "hits.html"
     result = runner.invoke(app, ["search", "a red bicycle", "--index", str(idx), "-k", "3", "--html", str(page)])
-    assert result.exit_code == 0 and result.stdout == ""  # the table goes to stderr
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 3  # rank, score, itc, itm, path lines
+    assert f"wrote {page}" in result.stderr
     text = page.read_text()
     assert text.count("data:image/jpeg;base64,") == 3 and 'src="http' not in text
     assert "a red bicycle" in text and "ITM logit + ITC cosine" in text
