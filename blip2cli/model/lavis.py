@@ -29,10 +29,9 @@ from torch import Tensor
 
 from blip2cli.config import LLMConfig, ModelConfig, QFormerConfig, VisionConfig, from_dict
 from blip2cli.errors import UsageError
-from blip2cli.model.blip2 import Blip2
-from blip2cli.model.load import _fingerprint, build_model, download, fill, finish, model_config_from_hf
+from blip2cli.model.hf_config import model_config_from_hf
+from blip2cli.model.hub import download
 from blip2cli.model.names import DROPPED, drop_tied_aliases, lavis_to_ours
-from blip2cli.model.placement import placement
 from blip2cli.model.weights import safe_torch_load
 
 
@@ -46,8 +45,17 @@ class Architecture:
     image_size: int | None = None
 
 
-def load_lavis(path: Path, place_args: tuple[str, ...], name: str, vision: str | None, llm: str | None,
-               tokenizer: str = "bert-base-uncased", stated: Architecture | None = None) -> Blip2:
+@dataclass
+class LavisFile:
+    """A LAVIS checkpoint read and translated: the config it implies and its weights under our names."""
+
+    config: ModelConfig
+    tensors: list[tuple[str, Tensor]]
+    allow_missing: tuple[str, ...]  # prefixes the file does not hold (the LLM, and the ViT when named alongside)
+
+
+def read_lavis(path: Path, vision: str | None, llm: str | None, tokenizer: str = "bert-base-uncased",
+               stated: Architecture | None = None) -> LavisFile:
     """LAVIS checkpoints are partial state dicts under "model" (LAVIS model zoo). Stage-1 files keep the ITG head and
     temperature; the ViT comes from the file (fine-tuned ones) or from `vision`; the LLM from `llm`."""
     raw = safe_torch_load(path)
@@ -70,13 +78,10 @@ def load_lavis(path: Path, place_args: tuple[str, ...], name: str, vision: str |
     cfg = _lavis_config(state, path, llm, vision, stated)
     cfg = replace(cfg, vision=replace(cfg.vision, weights="" if has_vision else str(vision)),
                   qformer=replace(cfg.qformer, tokenizer=tokenizer))
-    model = build_model(cfg, place_args, initialize=False)
-    place = placement(*place_args, t5=model.llm is not None and model.llm.is_encoder_decoder)
     ours = ((lavis_to_ours(n), t) for n, t in state.items())
     expected_missing = ("vision.",) if not has_vision else ()
-    fill(model, ((n, t) for n, t in ours if n is not None and not DROPPED.search(n)), place,
-         allow_missing=expected_missing + ("llm.",), strict=True, source=str(path))
-    return finish(model, place, name, _fingerprint([path]))
+    return LavisFile(cfg, [(n, t) for n, t in ours if n is not None and not DROPPED.search(n)],
+                     expected_missing + ("llm.",))
 
 
 def _saved_config(raw: object) -> dict[str, int]:

@@ -10,30 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from blip2cli.config import LLMConfig, ModelConfig, QFormerConfig, VisionConfig, model_config_from_yaml
+from blip2cli.config import ModelConfig, model_config_from_yaml
 from blip2cli.errors import UsageError
 from blip2cli.model import quantize
 from blip2cli.model.blip2 import Blip2
 from blip2cli.model.llm import FrozenLLM
 from blip2cli.model.names import DROPPED, hf_to_ours, lavis_to_ours, split_qkv_biases
 from blip2cli.model.placement import Placement, _target_dtype, placement
-from blip2cli.model.sizes import check_fits, config_float, config_int
+from blip2cli.model.sizes import check_fits
 from blip2cli.model.vision import interpolate_pos_embed
+from blip2cli.model.hf_config import model_config_from_hf
+from blip2cli.model.hub import download, looks_like_hub_id
+from blip2cli.model.lavis import Architecture, read_lavis, read_model_file
 from blip2cli.model.weights import checkpoint_files, iter_tensors, read_safetensors, release_pages, safe_torch_load
 
-KNOWN_HUB_IDS = (
-    "Salesforce/blip2-opt-2.7b", "Salesforce/blip2-opt-6.7b", "Salesforce/blip2-opt-2.7b-coco",
-    "Salesforce/blip2-opt-6.7b-coco", "Salesforce/blip2-flan-t5-xl", "Salesforce/blip2-flan-t5-xl-coco",
-    "Salesforce/blip2-flan-t5-xxl", "Salesforce/blip2-itm-vit-g", "Salesforce/blip2-itm-vit-g-coco",
-)
 SIDECAR = "blip2cli_extra.safetensors"  # written by export.py: temp and Qformer.cls.* (our names)
 RUN_WEIGHTS = "model.safetensors"  # trainable weights of a training output, beside recipe.yaml
 RUN_RECIPE = "recipe.yaml"
@@ -167,46 +163,6 @@ def _fingerprint(files: Iterable[Path]) -> str:
 # Hugging Face format
 
 
-HF_VISION_KEYS = {"image_size": "image_size", "patch_size": "patch_size", "width": "hidden_size",
-                  "depth": "num_hidden_layers", "heads": "num_attention_heads", "mlp_dim": "intermediate_size",
-                  "layer_norm_eps": "layer_norm_eps"}
-HF_QFORMER_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-                   "intermediate_size": "intermediate_size", "cross_attention_every": "cross_attention_frequency",
-                   "vocab_size": "vocab_size", "max_position_embeddings": "max_position_embeddings",
-                   "layer_norm_eps": "layer_norm_eps", "dropout": "hidden_dropout_prob",
-                   "attention_dropout": "attention_probs_dropout_prob"}
-
-
-def model_config_from_hf(hf) -> ModelConfig:
-    """Blip2Config -> ModelConfig. Retrieval checkpoints keep the text half of the Q-Former. Every size is checked
-    (type and range) and a bad one is named by its config.json key."""
-    v, q = hf.vision_config, hf.qformer_config
-    arch = (hf.architectures or ["Blip2ForConditionalGeneration"])[0]
-    text = bool(q.use_qformer_text_input) or "Retrieval" in arch or "WithProjection" in arch
-    vision = _hf_section(VisionConfig, v, "vision_config", HF_VISION_KEYS, qkv_bias=bool(v.qkv_bias),
-                         ln_vision_eps=config_float(v, "layer_norm_eps", "vision_config"))
-    qformer = _hf_section(QFormerConfig, q, "qformer_config", HF_QFORMER_KEYS, text=text,
-                          num_queries=config_int(hf, "num_query_tokens", "config"),
-                          embed_dim=config_int(hf, "image_text_hidden_size", "config"))
-    llm = LLMConfig()
-    if "Retrieval" not in arch and "WithProjection" not in arch and getattr(hf, "text_config", None) is not None:
-        llm = LLMConfig(name="(in checkpoint)", eos_text="\n" if hf.text_config.model_type == "opt" else "")
-    return ModelConfig(vision=vision, qformer=qformer, llm=llm)
-
-
-def _hf_section(cls, section, where: str, keys: dict[str, str], **given):
-    """One of our config dataclasses from a transformers sub-config; a range error names the config.json key."""
-    values = {ours: (config_float if ours.endswith(("eps", "dropout")) else config_int)(section, hf_key, where)
-              for ours, hf_key in keys.items()}
-    try:
-        return cls(**values, **given)
-    except UsageError as exc:
-        key, _, rest = str(exc).partition(":")
-        ours = key.rsplit(".", 1)[-1]
-        top = {"num_queries": "config.num_query_tokens", "embed_dim": "config.image_text_hidden_size"}
-        raise UsageError(f"{where}.{keys[ours]}:{rest}" if ours in keys else f"{top.get(ours, key)}:{rest}") from None
-
-
 def _is_hf_dir(path: Path) -> bool:
     config = path / "config.json"
     if not config.is_file():
@@ -277,39 +233,6 @@ def qformer_tokenizer(source: str | Path):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Hub ids
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not name.startswith((".", "/"))
-
-
-def download(repo_id: str) -> Path:
-    """Snapshot a hub repo into the standard cache (progress bars from huggingface_hub); honours HF_HUB_OFFLINE.
-    safetensors are preferred; .bin weights are fetched only for repos without them."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
-    try:
-        directory = Path(snapshot_download(repo_id, allow_patterns=patterns))
-        if not checkpoint_files(directory):
-            directory = Path(snapshot_download(repo_id, allow_patterns=patterns + ["*.bin"]))
-        return directory
-    except RepositoryNotFoundError:
-        known = "\n  ".join(KNOWN_HUB_IDS)
-        raise UsageError(f"unknown model {repo_id!r}: not a local path and not on the Hugging Face hub. "
-                         f"Official BLIP-2 models:\n  {known}") from None
-    except LocalEntryNotFoundError:
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        known = "" if repo_id in KNOWN_HUB_IDS else " Official BLIP-2 models: " + ", ".join(KNOWN_HUB_IDS) + "."
-        raise UsageError(
-            f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached{offline}. "
-            f"Download it once online (`hf download {repo_id}`) or pass a local directory.{known}"
-        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -396,7 +319,7 @@ def bert_weights(source: str, vocab_size: int) -> Iterable[tuple[str, Tensor]]:
 
 def _llm_weights(name: str) -> Iterable[tuple[str, Tensor]]:
     path = Path(name)
-    directory = path if path.is_dir() else (download(name) if _looks_like_hub_id(name) else None)
+    directory = path if path.is_dir() else (download(name) if looks_like_hub_id(name) else None)
     if directory is None:
         raise UsageError(f"model.llm.name: {name!r} is neither a directory nor a hub id")
     files = checkpoint_files(directory)
@@ -428,6 +351,17 @@ def vision_weights(source: str) -> Iterable[tuple[str, Tensor]]:
 # The entry point
 
 
+def load_lavis(path: Path, place_args: tuple[str, ...], name: str, vision: str | None, llm: str | None,
+               tokenizer: str = "bert-base-uncased", stated: Architecture | None = None) -> Blip2:
+    """A LAVIS `.pth` (with its ViT and LLM named when the file lacks them): read and translated by `lavis`,
+    built and filled here like every other format."""
+    found = read_lavis(path, vision, llm, tokenizer, stated)
+    model = build_model(found.config, place_args, initialize=False)
+    place = placement(*place_args, t5=model.llm is not None and model.llm.is_encoder_decoder)
+    fill(model, found.tensors, place, allow_missing=found.allow_missing, strict=True, source=str(path))
+    return finish(model, place, name, _fingerprint([path]))
+
+
 def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", *, vision: str | None = None,
                llm: str | None = None, quantize: str = "none") -> Blip2:
     """Everything `--model` accepts -> a ready Blip2 in eval mode on its device. `quantize` (none|int8|int4):
@@ -444,8 +378,6 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", *, 
         raise UsageError(f"{path}: not a BLIP-2 checkpoint (expected a Hugging Face BLIP-2 config.json, "
                          f"or {RUN_RECIPE} + {RUN_WEIGHTS} from blip2 pretrain/finetune)")
     if path.is_file():
-        from blip2cli.model.lavis import load_lavis, read_model_file
-
         if path.suffix in (".yaml", ".yml"):  # a LAVIS checkpoint with its ViT and LLM named
             spec = read_model_file(path)
             return load_lavis(Path(spec.checkpoint), args, name_or_path, spec.vision, spec.llm, spec.tokenizer,
@@ -453,6 +385,6 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", *, 
         if path.suffix in (".pth", ".pt", ".bin"):
             return load_lavis(path, args, name_or_path, vision, llm)
         raise UsageError(f"{path}: not a checkpoint file (expected a LAVIS .pth, a model .yaml or a model folder)")
-    if _looks_like_hub_id(name_or_path):
+    if looks_like_hub_id(name_or_path):
         return load_hf_dir(download(name_or_path), args, name_or_path)
     raise UsageError(f"no such model: {name_or_path!r} (not a file, a folder or a hub id)")
