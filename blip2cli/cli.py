@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     name="blip2",
-    help="BLIP-2 from the terminal: caption, ask, index, search, pretrain, finetune and evaluate.",
+    help="BLIP-2 from the terminal: caption, ask, index, search, capfilt, pretrain, finetune and evaluate.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
