@@ -267,9 +267,10 @@ def candidates(original: str | None, samples: Sequence[str]) -> tuple[list[str],
     """The original text first, then the distinct samples; repeats (after cleaning) are scored once."""
     texts, sources, seen = [], [], set()
     for text, source in [(original, "original")] + [(t, "synthetic") for t in samples]:
-        if not text or not clean_caption(text) or clean_caption(text) in seen:
+        cleaned = clean_caption(text) if text else ""
+        if not cleaned or cleaned in seen:
             continue
-        seen.add(clean_caption(text))
+        seen.add(cleaned)
         texts.append(text)
         sources.append(source)
     return texts, sources

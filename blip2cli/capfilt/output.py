@@ -116,8 +116,9 @@ class JsonlOutput:
         _wait_for(done_files)
         _add_counts(report, done_files)
         records = {r["key"]: r for source in [self.path, *self._parts()] for r in read_jsonl(source)}
+        order = set(self.order)
         lines = [json_line(records[k]) for k in self.order if k in records]
-        lines += [json_line(r) for k, r in records.items() if k not in set(self.order)]
+        lines += [json_line(r) for k, r in records.items() if k not in order]  # from inputs no longer given
         _atomic_write(self.path, "".join(lines).encode("utf-8"))
         for part in self._parts():
             part.unlink()
