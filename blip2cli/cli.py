@@ -439,7 +439,8 @@ def index(
     paths = expand_inputs(inputs)
     report = index_images(
         paths, index_dir, lambda name: load_encoder(name, device, dtype, batch_size, quantize), model=model,
-        batch_size=batch_size, workers=workers, index_key=index_key, progress=progress, export=export,
+        batch_size=batch_size, workers=workers, index_key=index_key, export=export,
+        progress=functools.partial(progress, done="indexed"),
     )
     if report is None:  # a non-zero rank of a distributed run: rank 0 reports
         return
@@ -805,8 +806,8 @@ def capfilt(
     same = captioner == scorer and isinstance(scoring, Blip2Scorer)  # a stage-1 model can do both: load it once
     captioning = scoring.model if same else load_model(captioner, device, dtype, quantize=quantize)
     try:
-        report = run_capfilt(captioning, scoring, groups, settings, out, batch_size=batch_size, progress=progress,
-                             warn=warn)
+        report = run_capfilt(captioning, scoring, groups, settings, out, batch_size=batch_size, warn=warn,
+                             progress=functools.partial(progress, done="captioned and ranked"))
     except KeyboardInterrupt:
         from blip2cli.render import error
 

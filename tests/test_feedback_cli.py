@@ -149,7 +149,7 @@ def test_index_counts_images_and_names_the_export(monkeypatch, tmp_path: Path) -
                                  "fake", "--export", str(export), "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json_only(result.stdout)[0]["added"] == 12
-    assert "12/12 images" in result.stderr and rate("indexing", 12, "images").search(result.stderr)
+    assert "12/12 images" in result.stderr and rate("indexed", 12, "images").search(result.stderr)
     assert f"wrote {export}\n" in result.stderr and (export / "img_emb").is_dir()
 
 
@@ -159,7 +159,8 @@ def test_capfilt_says_what_it_wrote(tiny_opt_dir: Path, tiny_retrieval_model_dir
                                  "--scorer", str(tiny_retrieval_model_dir), "--device", "cpu", "--num-samples", "1",
                                  "--max-new-tokens", "3", "--min-new-tokens", "1"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "6/6 images" in result.stderr and f"wrote 6 records to {out}" in result.stderr
+    assert "6/6 images" in result.stderr and rate("captioned and ranked", 6, "images").search(result.stderr)
+    assert f"wrote 6 records to {out}" in result.stderr
     assert len(out.read_text().splitlines()) == 6
 
 
