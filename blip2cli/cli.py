@@ -190,7 +190,7 @@ def caption(
                                  batch_size=batch_size, log=log)  # fmt: skip
     rows, failed, stream = [], 0, not json_out and not stdout_is_terminal()
     try:
-        for record in progress(records, len(todo), "captioning"):
+        for record in progress(records, len(todo), "captioning", done="captioned"):
             failed += "error" in record
             if json_out:
                 emit(record)
@@ -208,6 +208,7 @@ def caption(
             log.close()
         if rows:
             results(f"captions ({describe(job.caption_options(net, decoding, prompt))})", ["image", "caption"], rows)
+    _wrote(log)
     _failures(failed, len(todo), "images")
 
 
@@ -234,6 +235,14 @@ def _interrupted(log: Any) -> None:
     saved = f"; {log.written} records are saved in {log.path}, rerun the same command to go on" if log else ""
     error(f"interrupted{saved}")
     raise typer.Exit(130)
+
+
+def _wrote(log: Any) -> None:
+    """Say what an --out file got from this run: "wrote 79 records to captions.jsonl"."""
+    if log is not None:
+        from blip2cli.render import wrote
+
+        wrote(log.path, log.written)
 
 
 def _failures(failed: int, total: int, what: str) -> None:
@@ -329,6 +338,7 @@ def ask(
     finally:
         if log is not None:
             log.close()
+    _wrote(log)
     _failures(failed, total, "questions")
 
 
@@ -337,7 +347,7 @@ def _show_answers(records: Iterable[dict[str, Any]], total: int, json_out: bool,
     from blip2cli.render import emit, error, line, progress, results
 
     answered, failed = [], 0
-    for record in progress(records, total, "answering"):
+    for record in progress(records, total, "answering", unit="questions", done="answered"):
         failed += "error" in record
         if json_out:
             emit(record)
@@ -423,13 +433,14 @@ def index(
     deleted files are dropped. Interrupting is safe: rerun to finish. Under `accelerate launch`, each process
     embeds a share of the files and rank 0 merges them. Exit code 1 if some images could not be read."""
     from blip2cli.data.inputs import expand_inputs
-    from blip2cli.render import emit, failed_input, progress, table
+    from blip2cli.render import emit, failed_input, progress, table, wrote
     from blip2cli.retrieval.indexer import index_images, load_encoder
 
     paths = expand_inputs(inputs)
     report = index_images(
         paths, index_dir, lambda name: load_encoder(name, device, dtype, batch_size, quantize), model=model,
-        batch_size=batch_size, workers=workers, index_key=index_key, progress=progress, export=export,
+        batch_size=batch_size, workers=workers, index_key=index_key, export=export,
+        progress=functools.partial(progress, done="indexed"),
     )
     if report is None:  # a non-zero rank of a distributed run: rank 0 reports
         return
@@ -442,6 +453,8 @@ def index(
         counts = [(k, record[k]) for k in ("added", "updated", "removed", "unchanged")]
         rows = [*counts, ("failed", len(report.failed)), ("total", report.total)]
         table(f"blip2 index {index_dir}", ["", "files"], rows)
+    if export is not None:
+        wrote(export)
     if report.failed:
         raise typer.Exit(1)
 
@@ -575,15 +588,24 @@ def finetune(
     _train(recipe, sets or [], out, resume, max_steps, json_out, None, "finetune")
 
 
-def _eval_report(record: dict[str, Any], json_out: bool) -> None:
-    """Warnings on stderr; one JSON line or tables."""
-    from blip2cli.render import emit, table, warn
+def _eval_report(record: dict[str, Any], json_out: bool, out: Path | None, ran_model: bool) -> None:
+    """Warnings on stderr; one JSON line or tables; then what was written to --out."""
+    from blip2cli.render import emit, warn, wrote
 
     for message in record.get("warnings", []):
         warn(message)
     if json_out:
         emit(record)
-        return
+    else:
+        _score_tables(record)
+    if out is not None:
+        scores = out / "scores.json"
+        wrote(f"{scores} and {out / 'predictions.json'}" if ran_model else scores)
+
+
+def _score_tables(record: dict[str, Any]) -> None:
+    from blip2cli.render import table
+
     counts = [(k, record[k]) for k in ("n", "n_images", "n_texts") if k in record]
     digits = 4 if record["task"] == "caption" else 2  # caption scores are fractions, the others percentages
     rows = counts + [(k, f"{v:.{digits}f}") for k, v in record["metrics"].items()]
@@ -646,7 +668,7 @@ def eval_caption(
         quantize=quantize,
         batch_size=batch_size, out=out,
     )
-    _eval_report(record, json_out)
+    _eval_report(record, json_out, out, predictions is None)
 
 
 @command(eval_app, "vqa")
@@ -693,7 +715,7 @@ def eval_vqa(
         quantize=quantize,
         batch_size=batch_size, out=out,
     )
-    _eval_report(record, json_out)
+    _eval_report(record, json_out, out, predictions is None)
 
 
 @command(eval_app, "retrieval")
@@ -726,7 +748,7 @@ def eval_retrieval(
         k_test=k_test, max_text_len=35, device=device, dtype=dtype, quantize=quantize, batch_size=batch_size,
         out=out,
     )
-    _eval_report(record, json_out)
+    _eval_report(record, json_out, out, predictions is None)
 
 
 @command(app)
@@ -772,7 +794,7 @@ def capfilt(
     from blip2cli.capfilt.scorers import Blip2Scorer, load_scorer
     from blip2cli.capfilt.sources import read_sources
     from blip2cli.model.load import load_model
-    from blip2cli.render import emit, progress, table, warn
+    from blip2cli.render import emit, progress, table, warn, wrote
 
     settings = CapfiltSettings(
         num_samples=num_samples, keep=keep, prompt=prompt, top_p=top_p, temperature=temperature,
@@ -784,8 +806,8 @@ def capfilt(
     same = captioner == scorer and isinstance(scoring, Blip2Scorer)  # a stage-1 model can do both: load it once
     captioning = scoring.model if same else load_model(captioner, device, dtype, quantize=quantize)
     try:
-        report = run_capfilt(captioning, scoring, groups, settings, out, batch_size=batch_size, progress=progress,
-                             warn=warn)
+        report = run_capfilt(captioning, scoring, groups, settings, out, batch_size=batch_size, warn=warn,
+                             progress=functools.partial(progress, done="captioned and ranked"))
     except KeyboardInterrupt:
         from blip2cli.render import error
 
@@ -800,6 +822,7 @@ def capfilt(
         table("capfilt", ["out", "images", "kept", "dropped", "failed", "skipped", "images/s"],
               [[record["out"], record["images"], record["kept"], record["dropped"], len(record["failed"]),
                 record["skipped"], record["images_per_s"]]])
+    wrote(out, report.images)
     if report.failed:
         warn(f"{len(report.failed)} images or shard members could not be used (each is named above)")
         raise typer.Exit(1)

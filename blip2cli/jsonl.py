@@ -77,6 +77,9 @@ class JsonlLog:
         self.path = path
         self.written = 0
 
+    def open(self) -> JsonlLog:
+        return self  # open from the start (a ResumeLog opens on first use)
+
     def write(self, record: dict[str, Any]) -> None:
         self.fh.write(json_line(record))  # issue 10: names that are not UTF-8 as \udcXX escapes
         self.written += 1
@@ -186,14 +189,17 @@ def run_resumable(
     batch_size: int,
     log: Path | None,
     description: str,
+    unit: str = "images",
+    done_verb: str | None = None,
 ) -> dict[Hashable, dict[str, Any]]:
-    """Predict in batches, appending each record to `log` (JSONL) as it comes; records already there are reused."""
+    """Predict in batches, appending each record to `log` (JSONL) as it comes; records already there are reused.
+    The progress bar counts `unit`s (one per item), not batches."""
     writer = ResumeLog(log, lambda r: r.get(key_field)) if log else None
     done: dict[Hashable, dict[str, Any]] = dict(writer.done) if writer else {}
     todo = [item for item in items if key(item) not in done]
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     try:
-        for batch in progress(batches, len(batches), description):
+        for batch in progress(batches, len(todo), description, unit, done=done_verb, size=len):
             for record in predict(batch):
                 done[record[key_field]] = record
                 if writer:

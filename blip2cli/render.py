@@ -11,7 +11,8 @@ line each at any terminal width (and when stderr is a file). File names that are
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from rich.console import Console
@@ -90,18 +91,61 @@ def _print_table(where: Console, title: str | None, columns: Sequence[str], rows
     where.print(t)
 
 
-def progress(items: Iterable[T], total: int | None, description: str, threshold: int = 4) -> Iterator[T]:
-    """Iterate with a progress bar on stderr when there is more than a handful of work."""
+def progress(
+    items: Iterable[T],
+    total: int | None,
+    description: str,
+    unit: str = "images",
+    *,
+    done: str | None = None,
+    size: Callable[[T], int] | None = None,
+    threshold: int = 4,
+) -> Iterator[T]:
+    """Iterate with a progress bar on stderr when there is more than a handful of work: `total` counts `unit`s
+    (images, questions, texts), each item is `size(item)` of them (a batch: its length; default 1). The bar shows
+    the count, the time spent and the time left; when the loop ends, one line says how fast it went:
+    "captioned 79 images in 41.2 s (1.9 images/s)" (`done`, else `description`, in front)."""
     if total is not None and total <= threshold:
         yield from items
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress
 
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, transient=False,
-    ) as bar:
-        task = bar.add_task(description, total=total)
+    count, started = 0, time.perf_counter()
+    with Progress(*bar_columns("{task.description}", unit), console=console, transient=False) as bar:
+        task = bar.add_task(plain(description), total=total)
         for item in items:
             yield item
-            bar.advance(task)
+            step = 1 if size is None else size(item)
+            count += step
+            bar.advance(task, step)
+    note(rate_line(done or description, count, unit, time.perf_counter() - started))
+
+
+def bar_columns(description: str, unit: str, bar_width: int = 30) -> list[Any]:
+    """What a progress bar shows: `description` (rich markup), the bar, "M/N unit", the time spent and the time left.
+    Only the bar may shrink, so a narrow terminal (or a log file, 80 columns) still shows the counts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Column
+
+    def fixed() -> Column:
+        return Column(no_wrap=True)
+
+    return [TextColumn(description, table_column=fixed()), BarColumn(bar_width=bar_width),
+            MofNCompleteColumn(table_column=fixed()), TextColumn(plain(unit), table_column=fixed()),
+            TimeElapsedColumn(table_column=fixed()), TextColumn("eta", table_column=fixed()),
+            TimeRemainingColumn(table_column=fixed())]
+
+
+def rate_line(done: str, count: int, unit: str, seconds: float) -> str:
+    """ "captioned 79 images in 41.2 s (1.9 images/s)" """
+    per_s = count / seconds if seconds > 0 else 0.0
+    rate = f" ({per_s:.1f} {unit}/s)" if per_s >= 0.95 else f" ({per_s:.2g} {unit}/s)" if per_s else ""
+    return f"{done} {count} {unit} in {seconds:.1f} s{rate}"
+
+
+def wrote(path: Any, records: int | None = None) -> None:
+    """Say what was written, one line: "wrote hits.html", "wrote 79 records to captions.jsonl"."""
+    if records is None:
+        note(f"wrote {path}")
+    else:
+        note(f"wrote {records} record{'' if records == 1 else 's'} to {path}")

@@ -61,3 +61,21 @@ def test_same_tokens_as_generate(fixture, request):
         checked += 1
     lm.generation_config.early_stopping = False
     assert checked >= 60
+
+
+@pytest.mark.parametrize("fixture", ["tiny_opt_dir", "tiny_t5_dir"])
+def test_an_unset_early_stopping_runs_our_loop(fixture, request):
+    """transformers 5 leaves `early_stopping` unset (None) in a saved generation_config: it means False, and
+    greedy and beam search still take our loop, with generate's tokens."""
+    model = load_model(str(request.getfixturevalue(fixture)), "cpu", "float32")
+    lm, tok = model.llm.model, model.llm.tokenizer
+    assert lm.generation_config.early_stopping is None  # as save_pretrained wrote it
+    embeds, mask = _inputs(model, ["a photo of", "a dog"])
+    eos = _frequent_tokens(model, embeds, mask)
+    for beams in (1, 3):
+        o = GenerationOptions(num_beams=beams, max_new_tokens=9)
+        assert decode.supported(lm, o)
+        want = lm.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, max_new_tokens=9,
+                           num_beams=beams, eos_token_id=eos, pad_token_id=tok.pad_token_id, top_p=None, top_k=None,
+                           temperature=None)
+        assert decode.decode(lm, embeds, mask, o, eos, tok.pad_token_id).tolist() == want.tolist()

@@ -261,7 +261,8 @@ def generate_captions(
             texts = model.generate(pixels, [prompt] * len(batch), options)
         return [{"image_id": image_id, "caption": caps[0].strip()} for (image_id, _), caps in zip(batch, texts)]
 
-    done = run_resumable(list(images.items()), lambda item: item[0], "image_id", predict, batch_size, log, "captioning")
+    done = run_resumable(list(images.items()), lambda item: item[0], "image_id", predict, batch_size, log, "captioning",
+                         unit="images", done_verb="captioned")
     return {image_id: done[image_id]["caption"] for image_id in images}
 
 

@@ -59,7 +59,8 @@ def _rerank_rows(
     out = torch.full(itc.shape, FILL, dtype=torch.float32, device=itc.device)
     done = log.rows(description) if log is not None else {}
     rows = range(itc.shape[0])
-    for row in progress(rows, len(rows), f"ITM {description}") if show_progress else rows:
+    unit = "images" if description.startswith("image") else "texts"  # the queries of this direction
+    for row in progress(rows, len(rows), f"ITM {description}", unit, done="re-ranked") if show_progress else rows:
         if row in done:
             cols, values = done[row]
             out[row, cols] = values.to(itc.device)
@@ -153,11 +154,12 @@ def retrieval_scores(
     with torch.inference_mode():
         text_chunks = [list(texts[i : i + text_batch_size]) for i in range(0, len(texts), text_batch_size)]
         text_feats = torch.cat(
-            [model.text_features(c, max_len=max_text_len).float() for c in progress(text_chunks, len(text_chunks), "texts")]
+            [model.text_features(c, max_len=max_text_len).float()
+             for c in progress(text_chunks, len(texts), "embedding texts", "texts", done="embedded", size=len)]
         )
         feats, embeds = [], []
         image_chunks = [list(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-        for chunk in progress(image_chunks, len(image_chunks), "images"):
+        for chunk in progress(image_chunks, len(images), "embedding images", done="embedded", size=len):
             e = model.vision_embeds(pixels_fn(chunk).to(device))  # (B, N, Dv)
             feats.append(model.image_features(e).float())  # (B, Q, 256)
             embeds.append(e.cpu())  # LAVIS keeps E on the CPU too: 677 x 1408 per image at 364 px

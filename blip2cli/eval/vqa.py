@@ -241,7 +241,8 @@ def answer_questions(
             records.append({"question_id": qid, "answer": answer, "raw_answer": raw})
         return records
 
-    done = run_resumable(list(questions), lambda q: q[0], "question_id", predict, batch_size, log, "answering")
+    done = run_resumable(list(questions), lambda q: q[0], "question_id", predict, batch_size, log, "answering",
+                         unit="questions", done_verb="answered")
     return {qid: done[qid]["answer"] for qid, _, _ in questions}
 
 

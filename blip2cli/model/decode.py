@@ -37,7 +37,8 @@ def supported(lm, o: GenerationOptions) -> bool:
               g.suppress_tokens, g.begin_suppress_tokens, g.sequence_bias, g.diversity_penalty,
               g.encoder_repetition_penalty not in (None, 1.0), g.exponential_decay_length_penalty,
               g.renormalize_logits, g.min_length not in (None, 0))
-    return not o.do_sample and not any(exotic) and g.early_stopping in (False, True, "never")
+    # transformers 5 leaves early_stopping unset (None) unless a generation_config.json sets it: it means False
+    return not o.do_sample and not any(exotic) and g.early_stopping in (None, False, True, "never")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,6 +65,12 @@ def _accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
+def _cache_arg(fn) -> str:
+    """The name `forward` takes the KV cache by: transformers 5.24 renamed `past_key_values` to `cache` and warns
+    about the old name."""
+    return "cache" if _accepts(fn, "cache") else "past_key_values"
+
+
 class _DecoderOnly(Runner):
     def __init__(self, lm, embeds: Tensor, mask: Tensor) -> None:
         from transformers import DynamicCache
@@ -72,6 +79,7 @@ class _DecoderOnly(Runner):
         self.mask = mask
         self.pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
         self.use_pos = _accepts(lm.forward, "position_ids")
+        self.cache_arg = _cache_arg(lm.forward)
         self.cache = DynamicCache()
         extra = {"logits_to_keep": 1} if _accepts(lm.forward, "logits_to_keep") else {}
         self._run(dict(inputs_embeds=embeds, **extra), self.pos)
@@ -79,7 +87,8 @@ class _DecoderOnly(Runner):
     def _run(self, inputs: dict, pos: Tensor) -> None:
         if self.use_pos:
             inputs["position_ids"] = pos
-        out = self.lm(**inputs, attention_mask=self.mask, past_key_values=self.cache, use_cache=True)
+        inputs[self.cache_arg] = self.cache
+        out = self.lm(**inputs, attention_mask=self.mask, use_cache=True)
         self.logits = out.logits[:, -1].float()
 
     def repeat(self, k: int) -> None:
@@ -105,6 +114,7 @@ class _EncoderDecoder(Runner):
         self.mask = mask
         self.encoded = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
         self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        self.cache_arg = _cache_arg(lm.forward)
         self.start = lm.generation_config.decoder_start_token_id
         if self.start is None:
             self.start = lm.config.decoder_start_token_id
@@ -122,7 +132,7 @@ class _EncoderDecoder(Runner):
 
     def step(self, tokens: Tensor) -> None:
         out = self.lm(encoder_outputs=self.encoded, attention_mask=self.mask, decoder_input_ids=tokens[:, None],
-                      past_key_values=self.cache, use_cache=True)
+                      use_cache=True, **{self.cache_arg: self.cache})
         self.logits = out.logits[:, -1].float()
 
 
@@ -288,4 +298,5 @@ def decode(lm, embeds: Tensor, mask: Tensor, o: GenerationOptions, eos_ids: list
         if o.num_beams == 1:  # generate pads finished rows with the pad id
             return greedy(run, o, eos, eos_ids[0] if pad_id is None else pad_id)
         # beam search fills with `pad or eos` (so a pad id of 0, as T5's, falls back to EOS)
-        return beam_search(run, o, eos, pad_id if pad_id else eos_ids[0], lm.generation_config.early_stopping)
+        early = lm.generation_config.early_stopping
+        return beam_search(run, o, eos, pad_id if pad_id else eos_ids[0], False if early is None else early)

@@ -112,16 +112,19 @@ class FrozenLLM(nn.Module):
         return [texts[i * n:(i + 1) * n] for i in range(prefix.shape[0])]
 
     def _generate_kwargs(self, o: GenerationOptions) -> dict:
+        """`generate`'s arguments, each only where it applies: transformers warns ("generation flags are not
+        valid") about a beam-only flag without beams and a sampling-only flag without sampling."""
         kwargs = dict(
-            max_new_tokens=o.max_new_tokens, min_new_tokens=o.min_new_tokens, num_beams=o.num_beams,
-            do_sample=o.do_sample, repetition_penalty=o.repetition_penalty, length_penalty=o.length_penalty,
-            num_return_sequences=o.num_return_sequences, eos_token_id=self.eos_token_ids(),
-            pad_token_id=self.tokenizer.pad_token_id,
+            max_new_tokens=o.max_new_tokens, min_new_tokens=o.min_new_tokens, do_sample=o.do_sample,
+            repetition_penalty=o.repetition_penalty, num_return_sequences=o.num_return_sequences,
+            eos_token_id=self.eos_token_ids(), pad_token_id=self.tokenizer.pad_token_id,
         )
         if o.do_sample:
             kwargs.update(top_p=o.top_p, temperature=o.temperature, num_beams=1)
-        else:  # silence transformers' warnings about sampling-only settings carried by generation_config
-            kwargs.update(top_p=None, temperature=None, top_k=None)
+        else:  # unset the sampling-only settings a generation_config may carry
+            kwargs.update(top_p=None, temperature=None, top_k=None, num_beams=o.num_beams)
+        if kwargs["num_beams"] > 1:
+            kwargs["length_penalty"] = o.length_penalty
         return kwargs
 
     def decoder_loss_inputs(

@@ -386,8 +386,9 @@ def save(acc, out: Path, model: Blip2, recipe: Recipe, state: ckpt.TrainerState,
     folder = ckpt.step_dir(out, state.step)
     ckpt.save_checkpoint(acc, folder, model, recipe, state, optimizer, acc.scaler)
     if acc.is_main_process:
+        _note(f"saved {folder}")
         if state.step == recipe.train.max_steps:
-            ckpt.write_final(out, folder)
+            _note(f"saved {ckpt.write_final(out, folder)}")
         ckpt.prune(out, recipe.train.keep_last)
     acc.wait_for_everyone()
 
@@ -427,16 +428,26 @@ class _Logger:
 
 @contextmanager
 def _progress(acc, first: int, stop: int) -> Iterator[Callable[[int, str], None]]:
-    """A progress bar on stderr (main process) with the last logged loss and samples/s; yields its update."""
+    """A progress bar on stderr (main process) with the time spent and left, the last logged loss and samples/s;
+    yields its update. At the end, one line: "trained 60 steps in 40.1 s (1.5 steps/s)"."""
     if not acc.is_main_process:
         yield lambda step, info: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress, TextColumn
+    from rich.table import Column
 
-    from blip2cli.render import console
+    from blip2cli.render import bar_columns, console, note, rate_line
 
-    columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=console) as bar:
+    # the losses take what room is left on the line (cut short with "…" on a narrow one), the counts keep theirs
+    info = TextColumn("{task.fields[info]}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"))
+    started, last = time.perf_counter(), [first]
+    with Progress(*bar_columns("[bold]train", "steps", bar_width=20), info, console=console, expand=True) as bar:
         task = bar.add_task("train", total=stop, completed=first, info="")
-        yield lambda step, info: bar.update(task, completed=step, info=info)
+
+        def update(step: int, info: str) -> None:
+            last[0] = step
+            bar.update(task, completed=step, info=info)
+
+        yield update
+    if last[0] > first:
+        note(rate_line("trained", last[0] - first, "steps", time.perf_counter() - started))
