@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from blip2cli import __version__
+from blip2cli.cli_help import HelpCommand, HelpGroup
 from blip2cli.decoding import CAPTION_PROMPT, VQA_TEMPLATE, Decoding, describe
 from blip2cli.errors import UsageError
 
@@ -27,8 +28,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=HelpGroup,
 )
-eval_app = typer.Typer(help="Score a model (or a predictions file) on the paper's benchmarks.", no_args_is_help=True)
+eval_app = typer.Typer(help="Score a model (or a predictions file) on the paper's benchmarks.", no_args_is_help=True,
+                       cls=HelpGroup)
 app.add_typer(eval_app, name="eval")
 
 def command(parent: typer.Typer, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -47,7 +50,7 @@ def command(parent: typer.Typer, name: str | None = None) -> Callable[[Callable[
                 error(str(exc))
                 raise typer.Exit(exc.exit_code) from None
 
-        parent.command(name)(wrapper)
+        parent.command(name, cls=HelpCommand)(wrapper)
         return fn
 
     return register
