@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from blip2cli import __version__
+from blip2cli.cli_help import HelpCommand, HelpGroup
 from blip2cli.decoding import CAPTION_PROMPT, VQA_TEMPLATE, Decoding, describe
 from blip2cli.errors import UsageError
 
@@ -27,8 +28,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=HelpGroup,
 )
-eval_app = typer.Typer(help="Score a model (or a predictions file) on the paper's benchmarks.", no_args_is_help=True)
+eval_app = typer.Typer(help="Score a model (or a predictions file) on the paper's benchmarks.", no_args_is_help=True,
+                       cls=HelpGroup)
 app.add_typer(eval_app, name="eval")
 
 def command(parent: typer.Typer, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -47,7 +50,7 @@ def command(parent: typer.Typer, name: str | None = None) -> Callable[[Callable[
                 error(str(exc))
                 raise typer.Exit(exc.exit_code) from None
 
-        parent.command(name)(wrapper)
+        parent.command(name, cls=HelpCommand)(wrapper)
         return fn
 
     return register
@@ -102,6 +105,13 @@ def env(json_out: JsonOpt = False) -> None:
 GenModelOpt = Annotated[
     str, typer.Option("--model", help="Hub id, Hugging Face BLIP-2 folder, blip2 run folder or LAVIS .pth.")
 ]
+RevisionOpt = Annotated[
+    str | None, typer.Option("--revision", help="Branch, tag or commit of a --model hub id (default: main).")
+]
+CacheDirOpt = Annotated[
+    Path | None, typer.Option("--cache-dir", help="Hugging Face cache folder for --model hub ids (default: "
+                              "HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub).")
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, float16 or bfloat16 (the frozen towers).")]
 QuantizeOpt = Annotated[str, typer.Option("--quantize", help="none, int8 or int4: the frozen ViT's and LLM's weights "
@@ -130,6 +140,8 @@ GenSeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed the sampler
 def caption(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursed) or globs (quote them).")],
     model: GenModelOpt = "Salesforce/blip2-opt-2.7b",
+    revision: RevisionOpt = None,
+    cache_dir: CacheDirOpt = None,
     prompt: Annotated[
         str | None,
         typer.Option("--prompt", help='Text the caption continues, e.g. "a photo of" (default: none, or the '
@@ -177,14 +189,14 @@ def caption(
 
     paths = expand_inputs(inputs)
     decoding = Decoding(num_beams, max_new_tokens, min_new_tokens, sample, top_p, temperature, num_captions).check()
-    settings = {"prompt": prompt, "keep_prompt": keep_prompt, "seed": seed}
+    settings = {"prompt": prompt, "keep_prompt": keep_prompt, "seed": seed, "revision": revision}
     log = job.open_log(out, model=model, decoding=decoding, **settings) if out is not None else None
     todo = job.pending(paths, log)
     if log is not None and len(todo) < len(paths):
         note(f"{len(paths) - len(todo)} of {len(paths)} images already captioned in {out}: skipped")
     if not todo:
         return
-    net = _load(model, device, dtype, "caption", "caption", quantize)
+    net = _load(model, device, dtype, "caption", "caption", quantize, revision, cache_dir)
     _seed(seed)
     records = job.caption_images(net, todo, decoding=decoding, prompt=prompt, keep_prompt=keep_prompt,
                                  batch_size=batch_size, log=log)  # fmt: skip
@@ -212,12 +224,13 @@ def caption(
     _failures(failed, len(todo), "images")
 
 
-def _load(name: str, device: str, dtype: str, need: Need, job: str, quantize: str = "none") -> Blip2:
+def _load(name: str, device: str, dtype: str, need: Need, job: str, quantize: str = "none",
+          revision: str | None = None, cache_dir: Path | None = None) -> Blip2:
     """Load `--model` and refuse it at once (one line, exit 2) when it cannot do the job."""
     from blip2cli.model.capabilities import require
     from blip2cli.model.load import load_model
 
-    model = load_model(name, device, dtype, quantize=quantize)
+    model = load_model(name, device, dtype, quantize=quantize, revision=revision, cache_dir=cache_dir)
     require(model, need, job, name)
     return model
 
@@ -277,6 +290,8 @@ def ask(
                      "file's folder): one answer line each."),
     ] = None,
     model: GenModelOpt = "Salesforce/blip2-opt-2.7b",
+    revision: RevisionOpt = None,
+    cache_dir: CacheDirOpt = None,
     num_beams: BeamsOpt = None,
     max_new_tokens: MaxNewOpt = None,
     min_new_tokens: MinNewOpt = None,
@@ -315,13 +330,13 @@ def ask(
     items: list[Any] = [job.BatchQuestion(0, image, question)] if batch is None else job.read_batch(batch)
     log: Any = None
     if batch is not None and out is not None:
-        settings = {"template": tmpl, "instruct": instruct, "seed": seed}
+        settings = {"template": tmpl, "instruct": instruct, "seed": seed, "revision": revision}
         log = job.open_log(out, model=model, decoding=decoding, **settings)
         todo = job.pending(items, log)
         if len(todo) < len(items):
             note(f"{len(items) - len(todo)} questions already answered in {out}: skipped")
         items = todo
-    net = _load(model, device, dtype, "answer", "ask", quantize)
+    net = _load(model, device, dtype, "answer", "ask", quantize, revision, cache_dir)
     _seed(seed)
     if log is None and out is not None:
         log = JsonlLog(out)
@@ -412,6 +427,8 @@ def index(
         str | None,
         typer.Option("--model", help="Embedding model (default: the index's own, else Salesforce/blip2-itm-vit-g)."),
     ] = None,
+    revision: RevisionOpt = None,
+    cache_dir: CacheDirOpt = None,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -438,8 +455,8 @@ def index(
 
     paths = expand_inputs(inputs)
     report = index_images(
-        paths, index_dir, lambda name: load_encoder(name, device, dtype, batch_size, quantize), model=model,
-        batch_size=batch_size, workers=workers, index_key=index_key, export=export,
+        paths, index_dir, lambda name: load_encoder(name, device, dtype, batch_size, quantize, revision, cache_dir),
+        model=model, batch_size=batch_size, workers=workers, index_key=index_key, export=export,
         progress=functools.partial(progress, done="indexed"),
     )
     if report is None:  # a non-zero rank of a distributed run: rank 0 reports
@@ -476,6 +493,8 @@ def search(
     model: Annotated[
         str | None, typer.Option("--model", help="Model for the query (default: the one the index was built with).")
     ] = None,
+    revision: RevisionOpt = None,
+    cache_dir: CacheDirOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per ITM forward pass.")] = 32,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -494,7 +513,8 @@ def search(
     if (query is None) == (image is None):
         raise UsageError("give a QUERY text or --image PATH (exactly one of them)")
     result = search_index(
-        index_dir, lambda name: load_encoder(name, device, dtype, batch_size, quantize), query, image, model=model, k=k,
+        index_dir, lambda name: load_encoder(name, device, dtype, batch_size, quantize, revision, cache_dir), query,
+        image, model=model, k=k,
         rerank_k=rerank_k if rerank and image is None else None, dedup_threshold=dedup,
     )
     if result.stale_index:
@@ -641,6 +661,8 @@ def eval_caption(
         str, typer.Option("--metrics", help="Comma-separated subset of Bleu,METEOR,ROUGE_L,CIDEr,SPICE.")
     ] = "Bleu,METEOR,ROUGE_L,CIDEr,SPICE",
     model: EvalModelOpt = None,
+    revision: RevisionOpt = None,
+    cache_dir: CacheDirOpt = None,
     images: EvalImagesOpt = None,
     prompt: Annotated[
         str, typer.Option("--prompt", help="Caption prompt (the paper's COCO fine-tune prompt).")
@@ -665,8 +687,7 @@ def eval_caption(
         annotations=annotations, predictions=predictions, model=model, images=images, dataset=dataset,
         metrics=[m.strip() for m in metrics.split(",") if m.strip()], prompt=prompt,
         decoding=Decoding(num_beams, max_new_tokens, min_new_tokens).check(), device=device, dtype=dtype,
-        quantize=quantize,
-        batch_size=batch_size, out=out,
+        quantize=quantize, batch_size=batch_size, out=out, revision=revision, cache_dir=cache_dir,
     )
     _eval_report(record, json_out, out, predictions is None)
 
@@ -693,6 +714,8 @@ def eval_vqa(
         typer.Option("--lemmatize", help="OK-VQA: lemmatise the predictions file's answers (model runs always do)."),
     ] = False,
     model: EvalModelOpt = None,
+    revision: RevisionOpt = None,
+    cache_dir: CacheDirOpt = None,
     images: EvalImagesOpt = None,
     template: Annotated[str, typer.Option("--template", help="Prompt template; {} is the question.")] = VQA_TEMPLATE,
     num_beams: BeamsOpt = None,
@@ -712,8 +735,7 @@ def eval_vqa(
         annotations=annotations, questions=questions, predictions=predictions, model=model, images=images,
         dataset=dataset, normalize=normalize, lemmatize_predictions=lemmatize, template=template,
         decoding=Decoding(num_beams, max_new_tokens, min_new_tokens).check(), device=device, dtype=dtype,
-        quantize=quantize,
-        batch_size=batch_size, out=out,
+        quantize=quantize, batch_size=batch_size, out=out, revision=revision, cache_dir=cache_dir,
     )
     _eval_report(record, json_out, out, predictions is None)
 
@@ -731,6 +753,8 @@ def eval_retrieval(
     dataset: Annotated[Literal["coco", "flickr"], typer.Option("--dataset", help="Benchmark.")] = "coco",
     k_test: Annotated[int, typer.Option("--k-test", min=1, help="Candidates re-ranked with ITM per query.")] = 128,
     model: EvalModelOpt = None,
+    revision: RevisionOpt = None,
+    cache_dir: CacheDirOpt = None,
     images: EvalImagesOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -746,7 +770,7 @@ def eval_retrieval(
     record = job(
         annotations=annotations, predictions=predictions, model=model, images=images, dataset=dataset,
         k_test=k_test, max_text_len=35, device=device, dtype=dtype, quantize=quantize, batch_size=batch_size,
-        out=out,
+        out=out, revision=revision, cache_dir=cache_dir,
     )
     _eval_report(record, json_out, out, predictions is None)
 
@@ -761,6 +785,10 @@ def capfilt(
         "Salesforce/blip2-opt-2.7b"),
     scorer: Annotated[str, typer.Option("--scorer", help="The model whose ITC ranks the texts: any --model with "
                                         "ITC/ITM heads, or a CLIP model (openai/clip-vit-large-patch14, as the paper).")] = "Salesforce/blip2-itm-vit-g",
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit of the --captioner and "
+                                                 "--scorer hub ids (default: main).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Hugging Face cache folder for the "
+                                                   "--captioner and --scorer hub ids (default: HF_HUB_CACHE).")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", min=0, help="Captions sampled per image.")] = 10,
     keep: Annotated[int, typer.Option("--keep", min=1, help="Texts kept per image, best first.")] = 2,
     prompt: Annotated[str, typer.Option("--prompt", help='The captioner\'s prompt, e.g. "a picture of".')] = "",
@@ -802,9 +830,11 @@ def capfilt(
         seed=seed, captioner=captioner, scorer=scorer,
     )  # fmt: skip
     groups = read_sources(inputs, shard_size, images)
-    scoring = load_scorer(scorer, device, dtype, need_itm=settings.filter == "itm", quantize=quantize)
+    scoring = load_scorer(scorer, device, dtype, need_itm=settings.filter == "itm", quantize=quantize,
+                          revision=revision, cache_dir=cache_dir)
     same = captioner == scorer and isinstance(scoring, Blip2Scorer)  # a stage-1 model can do both: load it once
-    captioning = scoring.model if same else load_model(captioner, device, dtype, quantize=quantize)
+    captioning = scoring.model if same else load_model(captioner, device, dtype, quantize=quantize, revision=revision,
+                                                       cache_dir=cache_dir)
     try:
         report = run_capfilt(captioning, scoring, groups, settings, out, batch_size=batch_size, warn=warn,
                              progress=functools.partial(progress, done="captioned and ranked"))

@@ -42,7 +42,8 @@ class Recorder:
 def loaded(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     calls: list[tuple] = []
     monkeypatch.setattr("blip2cli.model.load.load_model",
-                        lambda *a, quantize="none": calls.append((*a, quantize)) or MODEL)
+                        lambda *a, quantize="none", revision=None, cache_dir=None:
+                        calls.append((*a, quantize, revision, cache_dir)) or MODEL)
     monkeypatch.setattr("blip2cli.model.capabilities.require", lambda *a: None)
     return calls
 
@@ -64,13 +65,14 @@ def test_caption(monkeypatch, loaded, photo: Path, tmp_path: Path) -> None:
     monkeypatch.setattr("blip2cli.caption.caption_images", job)
     out = tmp_path / "caps.jsonl"
     result = invoke("caption", str(photo), "--model", "m", "--prompt", "a photo of", "--num-beams", "2",
-                    "--max-new-tokens", "9", "--batch-size", "3", "--device", "cpu", "--out", str(out), "--json")  # fmt: skip
-    assert loaded == [("m", "cpu", "auto", "none")]
+                    "--max-new-tokens", "9", "--batch-size", "3", "--device", "cpu", "--out", str(out), "--json",
+                    "--revision", "r1", "--cache-dir", "hf")  # fmt: skip
+    assert loaded == [("m", "cpu", "auto", "none", "r1", Path("hf"))]
     assert job.calls[0][0] == (MODEL, [photo])
     log = job.kwargs.pop("log")
     assert job.kwargs == {"decoding": Decoding(num_beams=2, max_new_tokens=9), "prompt": "a photo of",
                           "keep_prompt": False, "batch_size": 3}  # fmt: skip
-    assert log.path == out and log.settings["model"] == "m"
+    assert log.path == out and log.settings["model"] == "m" and log.settings["revision"] == "r1"
     assert json.loads(result.stdout) == {"image": str(photo), "caption": "a red square"}
 
 
@@ -91,11 +93,13 @@ def test_eval_commands(monkeypatch, tmp_path: Path) -> None:
     job = Recorder(record)
     monkeypatch.setattr("blip2cli.eval.caption.eval_caption", job)
     result = invoke("eval", "caption", "--annotations", "a.json", "--model", "m", "--images", "imgs",
-                    "--metrics", "Bleu, CIDEr", "--max-new-tokens", "5", "--out", "o", "--json")  # fmt: skip
+                    "--metrics", "Bleu, CIDEr", "--max-new-tokens", "5", "--out", "o", "--json", "--revision", "r1",
+                    "--cache-dir", "hf")  # fmt: skip
     assert job.kwargs == {"annotations": Path("a.json"), "predictions": None, "model": "m", "images": Path("imgs"),
                           "dataset": "coco", "metrics": ["Bleu", "CIDEr"], "prompt": "a photo of",
                           "decoding": Decoding(max_new_tokens=5), "device": "auto", "dtype": "auto",
-                          "quantize": "none", "batch_size": 16, "out": Path("o")}  # fmt: skip
+                          "quantize": "none", "batch_size": 16, "out": Path("o"), "revision": "r1",
+                          "cache_dir": Path("hf")}  # fmt: skip
     assert json.loads(result.stdout) == record
 
     job = Recorder({"task": "vqa", "n": 1, "metrics": {"accuracy": 50.0}})
@@ -105,7 +109,7 @@ def test_eval_commands(monkeypatch, tmp_path: Path) -> None:
                           "model": None, "images": None, "dataset": "okvqa", "normalize": "official",
                           "lemmatize_predictions": True, "template": "Question: {} Short answer:",
                           "decoding": Decoding(), "device": "auto", "dtype": "auto", "quantize": "none",
-                          "batch_size": 16, "out": None}  # fmt: skip
+                          "batch_size": 16, "out": None, "revision": None, "cache_dir": None}  # fmt: skip
 
     job = Recorder({"task": "retrieval", "n_images": 1, "n_texts": 1, "metrics": {"r_mean": 1.0}})
     monkeypatch.setattr("blip2cli.eval.retrieval.eval_retrieval", job)
@@ -113,7 +117,8 @@ def test_eval_commands(monkeypatch, tmp_path: Path) -> None:
            "--quantize", "int8")
     assert job.kwargs == {"annotations": Path("t.json"), "predictions": None, "model": "m", "images": Path("i"),
                           "dataset": "coco", "k_test": 4, "max_text_len": 35, "device": "auto", "dtype": "auto",
-                          "quantize": "int8", "batch_size": 16, "out": None}  # fmt: skip
+                          "quantize": "int8", "batch_size": 16, "out": None, "revision": None,
+                          "cache_dir": None}  # fmt: skip
 
 
 def test_index_and_search(monkeypatch, photo: Path, tmp_path: Path) -> None:

@@ -161,7 +161,8 @@ class FakeBlip2:
 @pytest.fixture
 def fake_model(monkeypatch, tmp_path):
     model = FakeBlip2()
-    monkeypatch.setattr("blip2cli.model.load.load_model", lambda name, device="auto", dtype="auto", quantize="none": model)
+    monkeypatch.setattr("blip2cli.model.load.load_model",
+                        lambda name, device="auto", dtype="auto", quantize="none", **hub: model)
     for name, rgb in COLOURS.items():
         Image.new("RGB", (20, 12), rgb).save(tmp_path / f"{name}.png")
     return model

@@ -46,7 +46,7 @@ class FakeModel:
 def fake_model(monkeypatch):
     loaded: list[str] = []
 
-    def load(name, device="auto", dtype="auto", batch_size=32, quantize="none"):
+    def load(name, device="auto", dtype="auto", batch_size=32, quantize="none", revision=None, cache_dir=None):
         loaded.append(name)
         return FakeModel(name, "other-weights" if name == "other" else "fake-0")
 

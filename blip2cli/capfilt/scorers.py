@@ -111,8 +111,10 @@ def is_clip(name: str) -> bool:
     return not path.exists() and bool(re.search(r"(^|/|-)clip", name, re.I)) and "blip" not in name.lower()
 
 
-def load_scorer(name: str, device: str, dtype: str, need_itm: bool, quantize: str = "none") -> Scorer:
-    """--scorer: a CLIP model (folder or hub id), else anything --model takes."""
+def load_scorer(name: str, device: str, dtype: str, need_itm: bool, quantize: str = "none",
+                revision: str | None = None, cache_dir: Path | None = None) -> Scorer:
+    """--scorer: a CLIP model (folder or hub id), else anything --model takes; a hub id at `revision`, downloaded
+    into `cache_dir`."""
     from blip2cli.model.load import download, load_model
     from blip2cli.model.placement import placement
 
@@ -123,5 +125,9 @@ def load_scorer(name: str, device: str, dtype: str, need_itm: bool, quantize: st
             raise UsageError("--quantize: CLIP scorers run unquantized; drop --quantize or use a BLIP-2 scorer")
         path = Path(name).expanduser()
         place = placement(device, dtype)
-        return ClipScorer(path if path.is_dir() else download(name), name, place.device, place.vision)
-    return Blip2Scorer(load_model(name, device, dtype, quantize=quantize), need_itm)
+        if path.is_dir():
+            return ClipScorer(path, name, place.device, place.vision)
+        directory = download(name, revision=revision, cache_dir=cache_dir, fix="pass a local folder to --scorer")
+        return ClipScorer(directory, name, place.device, place.vision)
+    return Blip2Scorer(load_model(name, device, dtype, quantize=quantize, revision=revision, cache_dir=cache_dir),
+                       need_itm)

@@ -25,17 +25,18 @@ if TYPE_CHECKING:
 PixelsFn = Callable[[Sequence[Path]], "Tensor"]
 
 
-def load_model(name: str, device: str, dtype: str, need: Need, job: str, quantize: str = "none"
-               ) -> tuple[Blip2, PixelsFn]:
-    """Load `--model` for a benchmark (refused at once if it cannot do `need`) and a pixel loader at its
-    resolution; an unusable image stops the run, since a benchmark needs every image."""
+def load_model(name: str, device: str, dtype: str, need: Need, job: str, quantize: str = "none",
+               revision: str | None = None, cache_dir: Path | None = None) -> tuple[Blip2, PixelsFn]:
+    """Load `--model` (a hub id at `revision`, downloaded into `cache_dir`) for a benchmark (refused at once if it
+    cannot do `need`) and a pixel loader at its resolution; an unusable image stops the run, since a benchmark
+    needs every image."""
     from blip2cli.data.images import load_image
     from blip2cli.data.prefetch import prefetch
     from blip2cli.data.transforms import eval_pixels
     from blip2cli.model import load
     from blip2cli.model.capabilities import require
 
-    model = load.load_model(name, device, dtype, quantize=quantize)
+    model = load.load_model(name, device, dtype, quantize=quantize, revision=revision, cache_dir=cache_dir)
     require(model, need, job, name)
     cfg = model.cfg
 

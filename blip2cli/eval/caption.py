@@ -281,9 +281,12 @@ def eval_caption(
     quantize: str = "none",
     batch_size: int = 16,
     out: Path | None = None,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Score `predictions`, or caption the benchmark's `images` with `model` (the paper's decoding with
-    `decoding` on top; resumable in `out`); writes `out`/scores.json and predictions.json; returns the record."""
+    `decoding` on top; resumable in `out`; a hub id at `revision`, downloaded into `cache_dir`); writes
+    `out`/scores.json and predictions.json; returns the record."""
     check_inputs(predictions, model, images)
     data = ds.read_caption_annotations(annotations)
     warnings = []
@@ -294,10 +297,10 @@ def eval_caption(
         ds.check_same_ids(set(preds), set(data.refs), predictions, annotations, "image")
     else:
         paths = ds.resolve_images(images, [data.files[i] for i in data.refs])
-        net, pixels = load_model(model, device, dtype, "caption", "eval caption", quantize)
+        net, pixels = load_model(model, device, dtype, "caption", "eval caption", quantize, revision, cache_dir)
         options = decoding.apply(caption_defaults(net, prompt))
-        log = resume_log(out, {"task": "caption", "model": model, "annotations": str(annotations), "prompt": prompt,
-                               "options": vars(options)})  # fmt: skip
+        log = resume_log(out, {"task": "caption", "model": model, "revision": revision,
+                               "annotations": str(annotations), "prompt": prompt, "options": vars(options)})
         preds = generate_captions(net, dict(zip(data.refs, paths)), pixels, prompt, options, batch_size, log)
     scores = score_captions(data.refs, preds, metrics, data.domains or None)
     record: dict[str, Any] = {"task": "caption", "n": scores.n, "metrics": scores.metrics}

@@ -197,10 +197,13 @@ def eval_retrieval(
     quantize: str = "none",
     batch_size: int = 16,
     out: Path | None = None,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Score saved rankings, or rank the benchmark with `model`: ITC top `k_test`, then ITM + ITC (LAVIS
     `compute_sim_matrix`), texts cut at `max_text_len` tokens; the ITM re-ranking resumes from `out`/itm_rows.jsonl.
-    Writes `out`/scores.json and predictions.json (the top max(k, 10) of every row); returns the record."""
+    Writes `out`/scores.json and predictions.json (the top max(k, 10) of every row); returns the record. A hub id
+    `model` is downloaded at `revision` into `cache_dir`."""
     check_inputs(predictions, model, images)
     data = ds.read_retrieval_annotations(annotations)
     rankings = None
@@ -208,9 +211,10 @@ def eval_retrieval(
         i2t_ranked, t2i_ranked = ds.read_retrieval_predictions(predictions, len(data.images), len(data.texts))
     else:
         paths = ds.resolve_images(images, [[p] for p in data.images])
-        net, pixels = load_model(model, device, dtype, "retrieval", "eval retrieval", quantize)
+        net, pixels = load_model(model, device, dtype, "retrieval", "eval retrieval", quantize, revision, cache_dir)
         texts = [clean_caption(t) for t in data.texts]
-        settings = {"task": f"retrieval-{dataset}", "model": model, "annotations": str(annotations), "k_test": k_test}
+        settings = {"task": f"retrieval-{dataset}", "model": model, "revision": revision,
+                    "annotations": str(annotations), "k_test": k_test}
         log = resume_log(out, settings, "itm_rows.jsonl")  # a rerun with the same --out resumes the ITM re-ranking
         i2t, t2i = retrieval_scores(net, paths, texts, pixels, batch_size, k_test, log=log, max_text_len=max_text_len)
         keep = max(k_test, 10)  # beyond k every cell is -100 and ranks by index: the saved lists are lossless

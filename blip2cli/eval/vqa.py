@@ -263,9 +263,12 @@ def eval_vqa(
     quantize: str = "none",
     batch_size: int = 16,
     out: Path | None = None,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Score `predictions`, or answer the benchmark's questions with `model` (the paper's zero-shot VQA decoding
-    with `decoding` on top; resumable in `out`); writes `out`/scores.json and predictions.json; returns the record.
+    with `decoding` on top; resumable in `out`; a hub id at `revision`, downloaded into `cache_dir`); writes
+    `out`/scores.json and predictions.json; returns the record.
     OK-VQA answers are lemmatised for model runs always, for a predictions file with `lemmatize_predictions`."""
     check_inputs(predictions, model, images)
     if dataset == "gqa":
@@ -289,10 +292,11 @@ def eval_vqa(
         if dataset != "gqa" and questions is None:
             raise UsageError("--questions: required with --model (the question file that goes with --annotations)")
         paths = ds.resolve_images(images, [q.images for q in items])
-        net, pixels = load_model(model, device, dtype, "answer", "eval vqa", quantize)
+        net, pixels = load_model(model, device, dtype, "answer", "eval vqa", quantize, revision, cache_dir)
         options = decoding.apply(vqa_defaults(net))
-        log = resume_log(out, {"task": f"vqa-{dataset}", "model": model, "questions": str(questions or annotations),
-                               "template": template, "lemmatize": lemma, "options": vars(options)})  # fmt: skip
+        log = resume_log(out, {"task": f"vqa-{dataset}", "model": model, "revision": revision,
+                               "questions": str(questions or annotations), "template": template, "lemmatize": lemma,
+                               "options": vars(options)})  # fmt: skip
         jobs = [(q.question_id, p, template.format(clean_question(q.question))) for q, p in zip(items, paths)]
         preds = answer_questions(net, jobs, pixels, options, batch_size, log, lemmatize_answers=lemma)
     if dataset == "gqa":

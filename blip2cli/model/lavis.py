@@ -128,7 +128,7 @@ def _vision_config(state: dict[str, Tensor], path: Path, vision: str | None, hea
     if vision and (Path(vision).is_dir() or not Path(vision).exists()):
         from transformers import Blip2Config
 
-        src = Path(vision) if Path(vision).is_dir() else download(vision)
+        src = Path(vision) if Path(vision).is_dir() else download(vision, fix="name a local `vision:` file or folder")
         reference = model_config_from_hf(Blip2Config.from_pretrained(src))
         if heads is not None and heads != reference.vision.heads:
             raise UsageError(f"vision_heads: {heads} contradicts {vision}'s {reference.vision.heads}")

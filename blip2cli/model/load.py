@@ -26,7 +26,7 @@ from blip2cli.model.placement import Placement, _target_dtype, placement
 from blip2cli.model.sizes import check_fits
 from blip2cli.model.vision import interpolate_pos_embed
 from blip2cli.model.hf_config import model_config_from_hf
-from blip2cli.model.hub import download, looks_like_hub_id
+from blip2cli.model.hub import download, looks_like_hub_id, pretrained
 from blip2cli.model.lavis import Architecture, read_lavis, read_model_file
 from blip2cli.model.weights import checkpoint_files, iter_tensors, read_safetensors, release_pages, safe_torch_load
 
@@ -35,6 +35,10 @@ RUN_WEIGHTS = "model.safetensors"  # trainable weights of a training output, bes
 RUN_RECIPE = "recipe.yaml"
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 LLM_TOKENIZER_DIR = "llm_tokenizer"
+# What to do when a source a recipe (or a model .yaml) names is neither cached nor reachable
+TOKENIZER_FIX = "--set model.qformer.tokenizer=DIR (any BERT tokenizer folder; `tokenizer:` in a model .yaml)"
+LLM_FIX = "--set model.llm.name=DIR (a local folder of the LLM; `llm:` in a model .yaml)"
+VISION_FIX = "--set model.vision.weights=FILE (a local file; `vision:` in a model .yaml)"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building and filling the model
@@ -222,7 +226,8 @@ def qformer_tokenizer(source: str | Path):
     if (src / QFORMER_TOKENIZER_DIR).is_dir():
         src = src / QFORMER_TOKENIZER_DIR
     try:
-        tok = AutoTokenizer.from_pretrained(str(src) if src.exists() else str(source), truncation_side="right")
+        tok = pretrained(AutoTokenizer.from_pretrained, src if src.exists() else str(source), TOKENIZER_FIX,
+                         truncation_side="right")
     except OSError as exc:
         raise UsageError(f"cannot load the Q-Former tokenizer from {source}: {_first_line(exc)}") from None
     if tok.bos_token is None or tok.bos_token != "[DEC]":
@@ -268,8 +273,8 @@ def build_model(cfg: ModelConfig, place_args: tuple[str, ...] = ("auto", "auto")
 
         src = cfg.llm.name
         tok_src = Path(tokenizer_source) / LLM_TOKENIZER_DIR if tokenizer_source else None
-        llm_tok = AutoTokenizer.from_pretrained(str(tok_src) if tok_src and tok_src.is_dir() else src)
-        llm_config = AutoConfig.from_pretrained(src)
+        llm_tok = pretrained(AutoTokenizer.from_pretrained, tok_src if tok_src and tok_src.is_dir() else src, LLM_FIX)
+        llm_config = pretrained(AutoConfig.from_pretrained, src, LLM_FIX)
     q_tok = None
     if cfg.qformer.text:
         q_tok = qformer_tokenizer(tokenizer_source if tokenizer_source and
@@ -295,7 +300,7 @@ def bert_weights(source: str, vocab_size: int) -> Iterable[tuple[str, Tensor]]:
     FFN, the FFN copied into the query FFN, BERT's MLM head as the ITG head, the vocabulary grown for [DEC]
     (new rows: the mean embedding). Cross-attention stays randomly initialised."""
     path = Path(source)
-    directory = path if path.is_dir() else download(source)
+    directory = path if path.is_dir() else download(source, fix="--set model.qformer.init_from=DIR (a BERT folder)")
     files = checkpoint_files(directory)
     if not files:
         raise UsageError(f"model.qformer.init_from: no BERT weights in {directory}")
@@ -319,7 +324,7 @@ def bert_weights(source: str, vocab_size: int) -> Iterable[tuple[str, Tensor]]:
 
 def _llm_weights(name: str) -> Iterable[tuple[str, Tensor]]:
     path = Path(name)
-    directory = path if path.is_dir() else (download(name) if looks_like_hub_id(name) else None)
+    directory = path if path.is_dir() else (download(name, fix=LLM_FIX) if looks_like_hub_id(name) else None)
     if directory is None:
         raise UsageError(f"model.llm.name: {name!r} is neither a directory nor a hub id")
     files = checkpoint_files(directory)
@@ -341,7 +346,7 @@ def vision_weights(source: str) -> Iterable[tuple[str, Tensor]]:
             elif n in ("cls_token", "pos_embed") or "." in n and not n.startswith(("head.", "norm.", "fc_norm.")):
                 yield "vision.tower." + n, t  # raw EVA file (eva_vit_g.pth); block 39 is ignored below
         return
-    directory = path if path.is_dir() else download(source)
+    directory = path if path.is_dir() else download(source, fix=VISION_FIX)
     for n, t in _split_biases(iter_tensors(checkpoint_files(directory))):
         if n.startswith("vision_model."):
             yield hf_to_ours(n), t
@@ -363,11 +368,16 @@ def load_lavis(path: Path, place_args: tuple[str, ...], name: str, vision: str |
 
 
 def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", *, vision: str | None = None,
-               llm: str | None = None, quantize: str = "none") -> Blip2:
+               llm: str | None = None, quantize: str = "none", revision: str | None = None,
+               cache_dir: Path | str | None = None) -> Blip2:
     """Everything `--model` accepts -> a ready Blip2 in eval mode on its device. `quantize` (none|int8|int4):
-    the frozen ViT's and LLM's linear layers, quantized while they load (model/quantize.py)."""
+    the frozen ViT's and LLM's linear layers, quantized while they load (model/quantize.py). A hub id is
+    downloaded at `revision` (branch, tag or commit; default main) into `cache_dir` (default: the standard
+    Hugging Face cache, HF_HUB_CACHE or HF_HOME/hub), as `hf download --revision --cache-dir` does."""
     path = Path(name_or_path).expanduser()
     args = (device, dtype, quantize)
+    if revision is not None and (path.exists() or not looks_like_hub_id(name_or_path)):
+        raise UsageError(f"--revision {revision}: {name_or_path} is not a hub id (a revision picks a hub commit)")
     if path.is_dir():
         if _is_run_dir(path):
             return load_run_dir(path, args, name_or_path)
@@ -386,5 +396,5 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", *, 
             return load_lavis(path, args, name_or_path, vision, llm)
         raise UsageError(f"{path}: not a checkpoint file (expected a LAVIS .pth, a model .yaml or a model folder)")
     if looks_like_hub_id(name_or_path):
-        return load_hf_dir(download(name_or_path), args, name_or_path)
+        return load_hf_dir(download(name_or_path, revision=revision, cache_dir=cache_dir), args, name_or_path)
     raise UsageError(f"no such model: {name_or_path!r} (not a file, a folder or a hub id)")

@@ -127,11 +127,12 @@ class ModelEncoder:
 
 
 def load_encoder(model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 32,
-                 quantize: str = "none") -> ModelEncoder:
+                 quantize: str = "none", revision: str | None = None, cache_dir: Path | None = None) -> ModelEncoder:
+    """`--model` for index and search (a hub id at `revision`, downloaded into `cache_dir`)."""
     from blip2cli.model.capabilities import require
     from blip2cli.model.load import load_model
 
-    net = load_model(model, device, dtype, quantize=quantize)
+    net = load_model(model, device, dtype, quantize=quantize, revision=revision, cache_dir=cache_dir)
     require(net, "retrieval", "retrieval (index, search)", model)  # before any image is read or any file written
     return ModelEncoder(net, batch_size)
 

@@ -183,7 +183,7 @@ def _checkpoint_tensors(source: str) -> Iterable[tuple[str | None, Tensor]]:
         for name, tensor in state.items():
             yield load.lavis_to_ours(name), tensor
         return
-    directory = path if path.is_dir() else load.download(source)
+    directory = path if path.is_dir() else load.download(source, fix="--set model.init=DIR (a local checkpoint)")
     for name, tensor in iter_tensors(checkpoint_files(directory)):
         ours = load.hf_to_ours(name)
         if ours is not None and ours.endswith(".attn.qkv.bias"):

@@ -151,7 +151,10 @@ def _is_seq2seq(recipe: Recipe) -> bool:
     from transformers import AutoConfig
 
     try:
-        return bool(AutoConfig.from_pretrained(recipe.model.llm.name).is_encoder_decoder)
+        from blip2cli.model.hub import pretrained
+        from blip2cli.model.load import LLM_FIX
+
+        return bool(pretrained(AutoConfig.from_pretrained, recipe.model.llm.name, LLM_FIX).is_encoder_decoder)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"model.llm.name: cannot read {recipe.model.llm.name}: {first}") from None
