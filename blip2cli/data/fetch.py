@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import BinaryIO
 
@@ -45,10 +46,13 @@ def url_scheme(text: str) -> str | None:
 class _Redirects(urllib.request.HTTPRedirectHandler):
     max_redirections = MAX_REDIRECTS
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
-        if not is_url(newurl):
-            raise InputError(f"cannot fetch URL: redirected to a non-http(s) address {newurl}: {req.full_url}")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    def http_error_302(self, req, fp, code, msg, headers):  # type: ignore[no-untyped-def]
+        target = urllib.parse.urljoin(req.full_url, headers.get("Location") or headers.get("URI") or "")
+        if not is_url(target):  # urllib itself would follow ftp://
+            raise InputError(f"cannot fetch URL: redirected to a non-http(s) address {target}: {req.full_url}")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 def fetch_url(url: str) -> bytes:
