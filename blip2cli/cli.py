@@ -461,7 +461,10 @@ def search(
         bool, typer.Option("--rerank/--no-rerank", help="Re-rank text results with the ITM head (slow on CPU).")
     ] = True,
     rerank_k: Annotated[int, typer.Option("--rerank-k", min=1, help="Candidates re-ranked with ITM.")] = 128,
-    image: Annotated[Path | None, typer.Option("--image", help="Find images similar to this one.")] = None,
+    image: Annotated[
+        str | None, typer.Option("--image", help="Find images similar to this one: a file, an http(s) URL, or - "
+                                 "(standard input).")
+    ] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Also write a page of thumbnails and scores.")] = None,
     dedup: Annotated[
         float | None, typer.Option("--dedup", help="Drop near-duplicates (pooled cosine >= this, e.g. 0.94).")
@@ -486,6 +489,10 @@ def search(
 
     if (query is None) == (image is None):
         raise UsageError("give a QUERY text or --image PATH (exactly one of them)")
+    if image == "-":
+        from blip2cli.data.inputs import check_stdin
+
+        check_stdin()
     result = search_index(
         index_dir, lambda name: load_encoder(name, device, dtype, batch_size, quantize), query, image, model=model, k=k,
         rerank_k=rerank_k if rerank and image is None else None, dedup_threshold=dedup,

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from blip2cli.cli import app
 from blip2cli.data import fetch
+from tests.test_retrieval_cli import fake_model, indexed  # noqa: F401  (fixtures: an index and a fake encoder)
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,8 @@ BIG_LIMIT = 100_000  # the test's size limit (fetch.MAX_URL_BYTES is 50 MB)
 
 
 class _Handler(BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}  # more paths a test serves
+
     def log_message(self, *args: object) -> None:  # keep the test output clean
         pass
 
@@ -65,7 +68,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         path = self.path
-        if path == "/good.jpg":
+        if path in self.files:
+            self._send(self.files[path])
+        elif path == "/good.jpg":
             self._send(GOOD, Content_Type="image/jpeg")
         elif path == "/redirect":
             self._send(b"", 302, Location="/good.jpg")
@@ -267,3 +272,19 @@ def test_cat_into_caption_subprocess(tiny_opt_dir: Path, tmp_path: Path) -> None
     [line] = proc.stdout.splitlines()  # not a terminal: "-<TAB>caption"
     image, caption = line.split("\t")
     assert image == "-" and caption.strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# search --image
+
+
+def test_search_image_from_url_and_stdin(indexed, server: str, small_limits: None) -> None:  # noqa: F811
+    photos, idx, _ = indexed
+    target = photos / "img0005.png"
+    _Handler.files["/query.png"] = target.read_bytes()
+    for image, stdin in ((f"{server}/query.png", None), ("-", target.read_bytes())):
+        result = runner.invoke(app, ["search", "--image", image, "--index", str(idx), "--json"], input=stdin)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout.splitlines()[0])["path"] == str(target)  # the query finds itself first
+    result = runner.invoke(app, ["search", "--image", f"{server}/missing.png", "--index", str(idx)])
+    assert result.exit_code == 2 and "--image: cannot fetch URL: HTTP 404" in result.stderr
