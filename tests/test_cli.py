@@ -66,7 +66,7 @@ def test_caption(monkeypatch, loaded, photo: Path, tmp_path: Path) -> None:
     result = invoke("caption", str(photo), "--model", "m", "--prompt", "a photo of", "--num-beams", "2",
                     "--max-new-tokens", "9", "--batch-size", "3", "--device", "cpu", "--out", str(out), "--json")  # fmt: skip
     assert loaded == [("m", "cpu", "auto", "none")]
-    assert job.calls[0][0] == (MODEL, [photo])
+    assert job.calls[0][0] == (MODEL, [str(photo)])  # inputs are strings: files, "-" or URLs
     log = job.kwargs.pop("log")
     assert job.kwargs == {"decoding": Decoding(num_beams=2, max_new_tokens=9), "prompt": "a photo of",
                           "keep_prompt": False, "batch_size": 3}  # fmt: skip
