@@ -274,6 +274,11 @@ def test_cat_into_caption_subprocess(tiny_opt_dir: Path, tmp_path: Path) -> None
     assert image == "-" and caption.strip()
 
 
+def test_index_says_it_reads_local_files_only(tmp_path: Path, server: str) -> None:
+    result = runner.invoke(app, ["index", f"{server}/good.jpg", "--index", str(tmp_path / "idx")])
+    assert result.exit_code == 2 and "this command reads local files only" in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # search --image
 

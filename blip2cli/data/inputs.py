@@ -110,6 +110,8 @@ def _expand_one(raw: str) -> list[Path]:
         raise UsageError(f"not a file or folder: {raw}")
     if path.is_symlink():
         raise UsageError(f"broken or looping symlink: {raw}")
+    if raw == "-" or "://" in raw:  # caption and ask take these (expand_sources); index and capfilt read files
+        raise UsageError(f"not a file or folder: {raw} (this command reads local files only)")
     raise UsageError(f"no such file or folder: {raw}")
 
 
