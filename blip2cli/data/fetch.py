@@ -93,10 +93,11 @@ def read_stdin() -> bytes:
 def _read_bounded(stream: BinaryIO, limit: int, name: str, deadline: float | None) -> bytes:
     chunks: list[bytes] = []
     size = 0
+    read = getattr(stream, "read1", stream.read)  # read1: what has arrived, so a trickle still meets the deadline
     while True:
         if deadline is not None and time.monotonic() > deadline:
             raise InputError(f"cannot fetch URL: download took longer than {DEADLINE:g} s: {name}")
-        chunk = stream.read1(_CHUNK)  # what has arrived: a trickle still meets the deadline check
+        chunk = read(_CHUNK)
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
