@@ -19,6 +19,9 @@ from torch import Tensor
 
 from blip2cli.caption import Job, image_key, run_jobs
 from blip2cli.config import GenerationOptions
+from blip2cli.data.fetch import is_url, url_scheme
+from blip2cli.data.images import STDIN
+from blip2cli.data.inputs import check_stdin
 from blip2cli.data.transforms import clean_question
 from blip2cli.decoding import CHAT_TEMPLATE, VQA_TEMPLATE, Decoding, check_template, instruct_defaults, vqa_defaults
 from blip2cli.errors import UsageError
@@ -58,9 +61,19 @@ def check_request(*, image: str | None, question: str | None, template: str | No
             raise UsageError("IMAGE: missing (blip2 ask IMAGE QUESTION, or --batch FILE.jsonl)")
         if question is None and not chat:
             raise UsageError("QUESTION: missing (or --chat to ask from standard input)")
-        if not Path(image).exists():
+        if chat and image == STDIN:
+            raise UsageError("--chat reads its questions from standard input, so the image cannot come from it too: "
+                             "give a file or URL")
+        if image == STDIN:
+            check_stdin()
+        elif is_url(image):
+            pass
+        elif url_scheme(image) is not None and not Path(image).exists():
+            raise UsageError(f"unsupported URL scheme {url_scheme(image)}://: only http:// and https:// are fetched: "
+                             f"{image}")
+        elif not Path(image).exists():
             raise UsageError(f"no such file: {image}")
-        if Path(image).is_dir():
+        elif Path(image).is_dir():
             raise UsageError(f"{image} is a folder: blip2 ask takes one image (or --batch FILE.jsonl)")
     if out is not None and out.is_dir():
         raise UsageError(f"--out: {out} is a folder; give a file such as {out / 'answers.jsonl'}")
@@ -86,7 +99,7 @@ def answer(
     they stand, as their error records), each appended to `log` as it comes."""
     options = answer_options(model, decoding, instruct)
     asked = [i for i in items if isinstance(i, BatchQuestion)]
-    jobs = [Job(Path(i.image), question_prompt(i.question, template, instruct)) for i in asked]
+    jobs = [Job(i.image, question_prompt(i.question, template, instruct)) for i in asked]
     results = run_jobs(model, jobs, options, batch_size)
     if log is not None:
         log.open()
@@ -195,6 +208,9 @@ def read_batch(path: Path) -> list[Item]:
             if not isinstance(image, str) or not isinstance(question, str) or not image or not question.strip():
                 expected = '{"image": "...", "question": "..."}'
                 items.append({"line": number, "error": f"{path}:{number}: expected {expected}"})
+                continue
+            if is_url(image):
+                items.append(BatchQuestion(number, image, question))
                 continue
             resolved = Path(image).expanduser()
             if not resolved.is_absolute():

@@ -30,7 +30,7 @@ from blip2cli.model.blip2 import Blip2
 
 @dataclass(frozen=True)
 class Job:
-    image: Path  # the file to read
+    image: str  # a file, "-" (standard input) or an http(s) URL (images.load_source)
     prompt: str  # the text the language model continues ("" for plain captions)
 
 
@@ -54,10 +54,10 @@ def run_jobs(
             yield job, (px if isinstance(px, str) else next(texts))
 
 
-def image_pixels(path: Path, size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
-    """Normalised pixels (3, S, S), or the one-line reason the file cannot be used."""
+def image_pixels(path: str | Path, size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """Normalised pixels (3, S, S), or the one-line reason the file (or "-", or URL) cannot be used."""
     try:
-        return eval_pixels([images.load_image(path)], size, mean, std)[0]
+        return eval_pixels([images.load_source(path)], size, mean, std)[0]
     except InputError as exc:
         return str(exc)
 
@@ -86,7 +86,7 @@ def caption_options(model: Blip2, decoding: Decoding, prompt: str | None) -> Gen
 
 def caption_images(
     model: Blip2,
-    paths: Sequence[Path],
+    paths: Sequence[str | Path],
     *,
     decoding: Decoding,
     prompt: str | None = None,
@@ -101,7 +101,7 @@ def caption_images(
                       stacklevel=2)  # fmt: skip
     if log is not None:
         log.open()
-    for job, texts in run_jobs(model, [Job(p, text) for p in paths], options, batch_size):
+    for job, texts in run_jobs(model, [Job(str(p), text) for p in paths], options, batch_size):
         record = caption_record(str(job.image), texts, text, keep_prompt)
         if log is not None:
             log.write(record)
@@ -113,10 +113,10 @@ def caption_images(
 
 
 def image_key(image: str | Path) -> str:
-    """Records name images as the user spelled them; a rerun matches them by absolute path."""
-    from blip2cli.data.inputs import path_key  # issue 10: Path.resolve() raises on a symlink loop
+    """Records name images as the user spelled them; a rerun matches files by absolute path, URLs as spelled."""
+    from blip2cli.data.inputs import source_key  # issue 10: Path.resolve() raises on a symlink loop
 
-    return path_key(image)
+    return source_key(image)
 
 
 def open_log(out: Path, model: str, decoding: Decoding, **settings: Any) -> ResumeLog:
@@ -127,6 +127,8 @@ def open_log(out: Path, model: str, decoding: Decoding, **settings: Any) -> Resu
     return ResumeLog(out, key, {"model": model, "decoding": asdict(decoding), **settings})
 
 
-def pending(paths: Sequence[Path], log: ResumeLog | None) -> list[Path]:
-    """The images without a caption in `log` yet (failed ones are retried)."""
-    return list(paths) if log is None else log.pending(paths, image_key)
+def pending(paths: Sequence[str], log: ResumeLog | None) -> list[str]:
+    """The images without a caption in `log` yet (failed ones are retried; "-", standard input, is new each run)."""
+    if log is None:
+        return list(paths)
+    return [p for p in paths if str(p) == images.STDIN or image_key(p) not in log.done]

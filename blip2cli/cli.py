@@ -138,7 +138,10 @@ GenSeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed the sampler
 
 @command(app)
 def caption(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursed) or globs (quote them).")],
+    inputs: Annotated[
+        list[str], typer.Argument(help="Image files, folders (recursed), globs (quote them), http(s) URLs, or - for "
+                                  "an image on standard input.")
+    ],
     model: GenModelOpt = "Salesforce/blip2-opt-2.7b",
     revision: RevisionOpt = None,
     cache_dir: CacheDirOpt = None,
@@ -171,7 +174,7 @@ def caption(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Caption images: files, folders (recursed) and globs.
+    """Caption images: files, folders (recursed), globs, http(s) URLs and - (an image piped in).
 
     Decoding follows the BLIP-2 paper: beam search, 5 beams, at most 30 new tokens and at least min_length 8
     counting the prompt with BOS (7 new tokens without a prompt, 4 after "a photo of" on OPT; Flan-T5 7). Stage-1 models
@@ -184,10 +187,10 @@ def caption(
     Exit 1 when some images could not be read (each is reported on one line, the rest are captioned).
     """
     from blip2cli import caption as job
-    from blip2cli.data.inputs import expand_inputs
+    from blip2cli.data.inputs import expand_sources
     from blip2cli.render import emit, error, line, note, progress, results, stdout_is_terminal
 
-    paths = expand_inputs(inputs)
+    paths = expand_sources(inputs)
     decoding = Decoding(num_beams, max_new_tokens, min_new_tokens, sample, top_p, temperature, num_captions).check()
     settings = {"prompt": prompt, "keep_prompt": keep_prompt, "seed": seed, "revision": revision}
     log = job.open_log(out, model=model, decoding=decoding, **settings) if out is not None else None
@@ -268,7 +271,10 @@ def _failures(failed: int, total: int, what: str) -> None:
 
 @command(app)
 def ask(
-    image: Annotated[str | None, typer.Argument(help="The image file.", show_default=False)] = None,
+    image: Annotated[
+        str | None, typer.Argument(help="The image: a file, an http(s) URL, or - to read it from standard input.",
+                                   show_default=False)
+    ] = None,
     question: Annotated[
         str | None, typer.Argument(help="The question (an instruction with --instruct).", show_default=False)
     ] = None,
@@ -386,7 +392,7 @@ def _chat(net: Blip2, image: str, question: str | None, template: str, instruct:
     from blip2cli.caption import image_pixels
     from blip2cli.render import console, emit, error, line, plain, stdout_is_terminal
 
-    pixels = image_pixels(Path(image), net.cfg.vision.image_size, net.cfg.image_mean, net.cfg.image_std)
+    pixels = image_pixels(image, net.cfg.vision.image_size, net.cfg.image_mean, net.cfg.image_std)
     if isinstance(pixels, str):
         record = {"image": image, "question": question or "", "error": pixels}
         if log is not None:
@@ -485,7 +491,10 @@ def search(
         bool, typer.Option("--rerank/--no-rerank", help="Re-rank text results with the ITM head (slow on CPU).")
     ] = True,
     rerank_k: Annotated[int, typer.Option("--rerank-k", min=1, help="Candidates re-ranked with ITM.")] = 128,
-    image: Annotated[Path | None, typer.Option("--image", help="Find images similar to this one.")] = None,
+    image: Annotated[
+        str | None, typer.Option("--image", help="Find images similar to this one: a file, an http(s) URL, or - "
+                                 "(standard input).")
+    ] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Also write a page of thumbnails and scores.")] = None,
     dedup: Annotated[
         float | None, typer.Option("--dedup", help="Drop near-duplicates (pooled cosine >= this, e.g. 0.94).")
@@ -512,6 +521,10 @@ def search(
 
     if (query is None) == (image is None):
         raise UsageError("give a QUERY text or --image PATH (exactly one of them)")
+    if image == "-":
+        from blip2cli.data.inputs import check_stdin
+
+        check_stdin()
     result = search_index(
         index_dir, lambda name: load_encoder(name, device, dtype, batch_size, quantize, revision, cache_dir), query,
         image, model=model, k=k,

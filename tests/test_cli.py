@@ -68,7 +68,7 @@ def test_caption(monkeypatch, loaded, photo: Path, tmp_path: Path) -> None:
                     "--max-new-tokens", "9", "--batch-size", "3", "--device", "cpu", "--out", str(out), "--json",
                     "--revision", "r1", "--cache-dir", "hf")  # fmt: skip
     assert loaded == [("m", "cpu", "auto", "none", "r1", Path("hf"))]
-    assert job.calls[0][0] == (MODEL, [photo])
+    assert job.calls[0][0] == (MODEL, [str(photo)])  # inputs are strings: files, "-" or URLs
     log = job.kwargs.pop("log")
     assert job.kwargs == {"decoding": Decoding(num_beams=2, max_new_tokens=9), "prompt": "a photo of",
                           "keep_prompt": False, "batch_size": 3}  # fmt: skip

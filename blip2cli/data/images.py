@@ -26,6 +26,8 @@ from blip2cli.files import open_regular
 # Checked on the header, before any pixel is decoded; PIL's own global limit is left as the user set it.
 MAX_IMAGE_PIXELS = 178_956_970
 
+STDIN = "-"  # the input name that means "the image bytes on standard input"
+
 # Modes that carry an alpha channel; they are composited over white, as a viewer would show them.
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
@@ -41,6 +43,22 @@ def load_image(path: str | Path) -> Image.Image:
             return _decode(fp, name)
     except OSError as exc:  # an I/O error on a network disk, ...
         raise InputError(f"cannot read {name}: {exc.strerror or exc}") from None
+
+
+def load_source(source: str | Path) -> Image.Image:
+    """`load_image` for any input a user can name: a file, "-" (the bytes on standard input) or an http(s) URL
+    (fetched with bounded size and time: data.fetch). Bytes from stdin or a URL get the same checks as a file."""
+    from blip2cli.data import fetch
+
+    name = str(source)
+    if name == STDIN:
+        data = fetch.read_stdin()
+        if not data:
+            raise InputError("standard input is empty: pipe an image in (cat photo.jpg | blip2 caption -)")
+        return load_image_bytes(data, name)
+    if fetch.is_url(name):
+        return load_image_bytes(fetch.fetch_url(name), name)
+    return load_image(source)
 
 
 def load_image_bytes(data: bytes, name: str) -> Image.Image:

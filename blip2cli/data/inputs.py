@@ -8,6 +8,9 @@ then says whether it is an image. Nothing matching at all is a usage error (exit
 Folders and globs give every entry with an image name that is not a folder, whatever it is: a broken or looping
 symlink, a named pipe or a device is kept, and reading it (`files.open_regular`) reports it as one failed input
 while the rest go on. A named INPUT that is none of file, folder or glob is a usage error.
+
+`expand_sources` (caption, ask) also takes "-", the image bytes on standard input, and http(s) URLs, kept as given
+(`images.load_source` reads them); another scheme (ftp://, file://) is a usage error.
 """
 
 from __future__ import annotations
@@ -36,6 +39,45 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
                 seen.add(key)
                 paths.append(path)
     return paths
+
+
+def expand_sources(inputs: Sequence[str]) -> list[str]:
+    """`expand_inputs` plus "-" (standard input) and http(s) URLs, in input order, each once."""
+    from blip2cli.data.fetch import is_url, url_scheme
+
+    seen: set[str] = set()
+    sources: list[str] = []
+    for raw in inputs:
+        if raw == "-" or is_url(raw):
+            if raw == "-":
+                check_stdin()
+            found = [raw]
+        elif url_scheme(raw) is not None and not Path(raw).exists():
+            raise UsageError(f"unsupported URL scheme {url_scheme(raw)}://: only http:// and https:// are fetched: {raw}")
+        else:
+            found = [str(path) for path in _expand_one(raw)]
+        for source in found:
+            key = source_key(source)
+            if key not in seen:
+                seen.add(key)
+                sources.append(source)
+    return sources
+
+
+def check_stdin() -> None:
+    """A usage error for "-" when standard input is a terminal: the image must be piped in."""
+    import sys
+
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("-: standard input is a terminal; pipe an image in, e.g. cat photo.jpg | blip2 caption -")
+
+
+def source_key(source: str | Path) -> str:
+    """What identifies an input: a URL and "-" as spelled, a file by `path_key`."""
+    from blip2cli.data.fetch import is_url
+
+    text = str(source)
+    return text if text == "-" or is_url(text) else path_key(text)
 
 
 def path_key(path: str | Path) -> str:
@@ -68,6 +110,8 @@ def _expand_one(raw: str) -> list[Path]:
         raise UsageError(f"not a file or folder: {raw}")
     if path.is_symlink():
         raise UsageError(f"broken or looping symlink: {raw}")
+    if raw == "-" or "://" in raw:  # caption and ask take these (expand_sources); index and capfilt read files
+        raise UsageError(f"not a file or folder: {raw} (this command reads local files only)")
     raise UsageError(f"no such file or folder: {raw}")
 
 

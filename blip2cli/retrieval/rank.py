@@ -72,7 +72,7 @@ def search_index(
     index_dir: Path,
     encoder: Callable[[str], QueryEncoder],
     text: str | None = None,
-    image: Path | None = None,
+    image: str | Path | None = None,
     *,
     model: str | None = None,
     k: int = 10,
@@ -82,7 +82,7 @@ def search_index(
     """`blip2 search`: a text (ITC, then ITM re-rank of the best `rerank_k` unless None) or an image query against
     an index folder. `encoder(name)` loads `model`, by default the one the index was built with; another model's
     vectors are refused."""
-    from blip2cli.data.images import load_image
+    from blip2cli.data.images import load_source
 
     with Store.open(index_dir) as store:
         loaded = LoadedIndex.load(index_dir, store)
@@ -90,7 +90,7 @@ def search_index(
         store.check_model(enc.name, enc.fingerprint)
         if image is not None:
             try:
-                picture = load_image(image)
+                picture = load_source(image)  # a file, "-" (standard input) or an http(s) URL
             except InputError as exc:
                 raise UsageError(f"--image: {exc}") from None
             query = enc.embed([enc.prepare(picture)])[0]  # (Q, D)
