@@ -177,7 +177,7 @@ def caption(
 
     paths = expand_inputs(inputs)
     decoding = Decoding(num_beams, max_new_tokens, min_new_tokens, sample, top_p, temperature, num_captions).check()
-    settings = {"prompt": prompt, "keep_prompt": keep_prompt, "seed": seed}
+    settings = {"prompt": prompt, "keep_prompt": keep_prompt, "seed": seed, "quantize": quantize}
     log = job.open_log(out, model=model, decoding=decoding, **settings) if out is not None else None
     todo = job.pending(paths, log)
     if log is not None and len(todo) < len(paths):
@@ -306,7 +306,7 @@ def ask(
     items: list[Any] = [job.BatchQuestion(0, image, question)] if batch is None else job.read_batch(batch)
     log: Any = None
     if batch is not None and out is not None:
-        settings = {"template": tmpl, "instruct": instruct, "seed": seed}
+        settings = {"template": tmpl, "instruct": instruct, "seed": seed, "quantize": quantize}
         log = job.open_log(out, model=model, decoding=decoding, **settings)
         todo = job.pending(items, log)
         if len(todo) < len(items):
@@ -777,7 +777,7 @@ def capfilt(
     settings = CapfiltSettings(
         num_samples=num_samples, keep=keep, prompt=prompt, top_p=top_p, temperature=temperature,
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, filter=filter_, threshold=threshold,
-        seed=seed, captioner=captioner, scorer=scorer,
+        seed=seed, captioner=captioner, scorer=scorer, quantize=quantize,
     )  # fmt: skip
     groups = read_sources(inputs, shard_size, images)
     scoring = load_scorer(scorer, device, dtype, need_itm=settings.filter == "itm", quantize=quantize)
