@@ -466,7 +466,10 @@ def search(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per ITM forward pass.")] = 32,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = "none",
+    quantize: Annotated[
+        str | None, typer.Option("--quantize", help="none, int8 or int4 (default: what the index was built with; "
+                                 "another is refused).", show_default=False)
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Search an index by text (ITC max over the 32 query vectors, then ITM re-rank) or by image.
@@ -481,9 +484,12 @@ def search(
     if (query is None) == (image is None):
         raise UsageError("give a QUERY text or --image PATH (exactly one of them)")
     result = search_index(
-        index_dir, lambda name: load_encoder(name, device, dtype, batch_size, quantize), query, image, model=model, k=k,
-        rerank_k=rerank_k if rerank and image is None else None, dedup_threshold=dedup,
+        index_dir, lambda name, quantized: load_encoder(name, device, dtype, batch_size, quantized), query, image,
+        model=model, quantize=quantize, k=k, rerank_k=rerank_k if rerank and image is None else None,
+        dedup_threshold=dedup,
     )
+    if quantize is None and result.quantize != "none":
+        note(f"--quantize {result.quantize}: the index was built with it")
     if result.stale_index:
         warn(f"the index in {index_dir} is older than its store (interrupted run?): rerun `blip2 index` to refresh")
     if result.skipped:

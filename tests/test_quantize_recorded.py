@@ -1,6 +1,7 @@
-"""Issue 15: a resumable --out run records --quantize, and a rerun with another quantization is refused in one
-line before the model loads (its records would mix predictions of different weights). Runs written before
-quantize was recorded were unquantized: they resume with --quantize none."""
+"""Issue 15: what runs and indexes record of --quantize. A resumable --out run records it, and a rerun with another
+quantization is refused in one line before the model loads (its records would mix predictions of different
+weights); runs written before quantize was recorded were unquantized, so they resume with --quantize none.
+`blip2 search` without --quantize uses the index's quantization; another one is refused."""
 
 from __future__ import annotations
 
@@ -94,3 +95,35 @@ def test_caption_out_records_quantize(tiny_opt_dir, tmp_path):
     assert json.loads((tmp_path / "captions.settings.json").read_text())["quantize"] == "int8"
     mixed = runner.invoke(app, args)
     assert mixed.exit_code == 2 and '(quantize: "int8" there, "none" now)' in mixed.stderr
+
+
+@needs_torchao
+def test_search_defaults_to_the_index_quantization(tiny_retrieval_model_dir, tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for colour in ("red", "blue", "green"):
+        Image.new("RGB", (30, 30), colour).save(photos / f"{colour}.png")
+    model = ["--model", str(tiny_retrieval_model_dir), "--device", "cpu"]
+    for name, quantize in (("int8", ["--quantize", "int8"]), ("plain", [])):
+        built = runner.invoke(app, ["index", str(photos), "--index", str(tmp_path / name), *model, *quantize])
+        assert built.exit_code == 0, built.output
+    search = ["search", "a red square", "--no-rerank", "--device", "cpu", "--json", "--index"]
+
+    found = runner.invoke(app, [*search, str(tmp_path / "int8")])
+    assert found.exit_code == 0, found.output
+    assert len([json.loads(line) for line in found.stdout.splitlines()]) == 3
+    assert "--quantize int8: the index was built with it" in found.stderr
+    plain = runner.invoke(app, [*search, str(tmp_path / "plain")])
+    assert plain.exit_code == 0 and "--quantize" not in plain.stderr  # nothing to say for an unquantized index
+
+    loads = []
+    monkeypatch.setattr("blip2cli.retrieval.indexer.load_encoder", lambda *a: loads.append(a))
+    for index, other, built in (("int8", "none", "int8"), ("plain", "int8", "none")):
+        refused = runner.invoke(app, [*search, str(tmp_path / index), "--quantize", other])
+        assert refused.exit_code == 2 and "Traceback" not in refused.output
+        assert refused.stderr.strip().splitlines() == [
+            f"error: {tmp_path / index} was built with --quantize {built}, not {other}: vectors of differently "
+            f"quantized weights are not mixed; use --quantize {built}, or another --index folder"]
+    bad = runner.invoke(app, [*search, str(tmp_path / "plain"), "--quantize", "int9"])
+    assert bad.exit_code == 2 and "expected none, int8 or int4" in bad.stderr
+    assert loads == []  # every refusal came before a model load
