@@ -259,8 +259,9 @@ def ask(
         bool, typer.Option("--instruct", help="Send the text as typed, as a free instruction (no template).")
     ] = False,
     chat: Annotated[
-        bool, typer.Option("--chat", help="Conversation: then read questions from stdin, one a line, until an empty "
-                           "line, exit or EOF; each turn sees the earlier ones."),
+        bool, typer.Option("--chat", help="Conversation: then read questions from stdin, one a line (edited with "
+                           "readline at a terminal), until an empty line, exit or EOF (Ctrl-D); each turn sees the "
+                           "earlier ones."),
     ] = False,
     batch: Annotated[
         Path | None,
@@ -354,11 +355,13 @@ def _show_answers(records: Iterable[dict[str, Any]], total: int, json_out: bool,
 
 def _chat(net: Blip2, image: str, question: str | None, template: str, instruct: bool, options: Any,
           log: Any, json_out: bool) -> tuple[int, int]:  # fmt: skip
-    """A conversation: the first question from the command line (if any), then one per stdin line."""
+    """A conversation: the first question from the command line (if any), then one per stdin line (edited with
+    readline at a terminal: chat_input)."""
     import sys
 
     from blip2cli.ask import Chat
     from blip2cli.caption import image_pixels
+    from blip2cli.chat_input import questions
     from blip2cli.render import console, emit, error, line, plain, stdout_is_terminal
 
     pixels = image_pixels(Path(image), net.cfg.vision.image_size, net.cfg.image_mean, net.cfg.image_std)
@@ -369,28 +372,19 @@ def _chat(net: Blip2, image: str, question: str | None, template: str, instruct:
         emit(record) if json_out else error(pixels)
         return 1, 1
     talk = Chat(net, pixels, template, options, instruct)
-    interactive = sys.stdin.isatty()
+    for_people = sys.stdin.isatty() and stdout_is_terminal()
     turns = 0
-    while True:
-        if question is None:
-            if interactive:
-                console.print("[bold]question>[/] ", end="")
-            question = sys.stdin.readline().strip()
-            if not question or question.lower() in ("exit", "quit"):
-                break
-        answer = talk.ask(question)
-        record = {"image": image, "question": question, "answer": answer}
+    for asked in questions(question):
+        record = {"image": image, "question": asked, "answer": talk.ask(asked)}
         if log is not None:
             log.write(record)
         if json_out:
             emit(record)
+        elif for_people:
+            console.print(f"[bold]answer>[/] {plain(record['answer'])}", highlight=False)
         else:
-            if interactive and stdout_is_terminal():
-                console.print(f"[bold]answer>[/] {plain(answer)}", highlight=False)
-            else:
-                line(answer)  # results on stdout
+            line(record["answer"])  # results on stdout
         turns += 1
-        question = None
     return 0, turns
 
 
