@@ -43,14 +43,14 @@ def _typed() -> Callable[[], str | None]:
     """A reader of lines typed at a terminal, after the hint; one without editing when no output is a terminal."""
     from blip2cli.render import note
 
-    note(HINT)
     if not (sys.stdout.isatty() or sys.stderr.isatty()):
-        return _piped  # typing blind into files: read as from a pipe
+        return _piped  # typing blind, both outputs going to files: read as from a pipe
+    note(HINT)
     try:
         import readline  # noqa: F401  (loading it is what gives input() line editing and history)
-    except ImportError:  # a Python built without it: input() still reads lines
-        pass
-    prompt = _prompt(colour="NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb")
+    except ImportError:  # a Python built without it: input() still reads lines, and cannot hide escape codes
+        readline = None
+    prompt = _prompt(colour=readline is not None and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb")
 
     def read() -> str | None:
         with _stdout_on_terminal():

@@ -38,8 +38,8 @@ class Terminal:
         fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
         env = {**os.environ, "TERM": "xterm", "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
         env.pop("NO_COLOR", None)
-        self.process = subprocess.Popen(command, stdin=tty, stdout=stdout or tty, stderr=tty, env=env, start_new_session=True,
-                                        preexec_fn=_take_terminal)
+        self.process = subprocess.Popen(command, stdin=tty, stdout=stdout or tty, stderr=tty, env=env,
+                                        start_new_session=True, preexec_fn=_take_terminal)
         os.close(tty)
         self.seen = ""
 
@@ -128,9 +128,9 @@ def test_ctrl_c_at_the_prompt_says_interrupted(chat) -> None:
     assert terminal.finish() == 130
     shown = terminal.text
     assert "Traceback" not in shown
-    last = shown.rsplit("question> ", 1)[1]
-    assert re.fullmatch(r"half a quest(\^C)?\r\nerror: interrupted; 1 records are saved in \S+chat.jsonl, rerun the same"
-                        r" command to go on\r\n", last), last  # the message on its own line below the prompt
+    last = shown.rsplit("question> ", 1)[1]  # the line typed, then the message on its own line below it
+    assert re.fullmatch(r"half a quest(\^C)?\r\nerror: interrupted; 1 records are saved in \S+chat.jsonl, "
+                        r"rerun the same command to go on\r\n", last), last
 
 
 def test_answers_redirected_to_a_file_and_the_line_still_edits(tiny_opt_dir: Path, tmp_path: Path) -> None:

@@ -21,8 +21,7 @@ from blip2cli.cli import app
 from blip2cli.retrieval import indexer
 from tests.test_retrieval_cli import FakeModel
 
-BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome") if shutil.which(b)),
-               None)
+BROWSER = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "chrome"))), None)
 pytestmark = [pytest.mark.slow,  # two browser starts: 5-15 s on a busy 2-core machine
               pytest.mark.skipif(BROWSER is None, reason="no Chromium binary (apt-get install chromium)")]
 WIDTH, HEIGHT = 1000, 1400
@@ -60,8 +59,8 @@ window.addEventListener("load", () => {
       href: card.querySelector("a") && card.querySelector("a").href,
       title: name.title, name: name.textContent, nameChars: chars(name),
       nameClipped: name.scrollWidth > name.clientWidth, card: rect(card),
-      folderParts: [...folder.querySelectorAll("span")].map((s) => ({text: s.textContent, lines: s.getClientRects().length,
-                                                                      rect: rect(s)})),
+      folderParts: [...folder.querySelectorAll("span")].map(
+        (s) => ({text: s.textContent, lines: s.getClientRects().length, rect: rect(s)})),
       folderBox: rect(folder),
     };
   });

@@ -296,8 +296,8 @@ def eval_caption(
         check_weights(out, model, quantize)  # before the (long) load
         net, pixels = load_model(model, device, dtype, "caption", "eval caption", quantize)
         options = decoding.apply(caption_defaults(net, prompt))
-        log = resume_log(out, {"task": "caption", "model": model, "quantize": quantize,
-                               "annotations": str(annotations), "prompt": prompt, "options": vars(options)})  # fmt: skip
+        log = resume_log(out, {"task": "caption", "model": model, "quantize": quantize, "annotations": str(annotations),
+                               "prompt": prompt, "options": vars(options)})  # fmt: skip
         preds = generate_captions(net, dict(zip(data.refs, paths)), pixels, prompt, options, batch_size, log)
     scores = score_captions(data.refs, preds, metrics, data.domains or None)
     record: dict[str, Any] = {"task": "caption", "n": scores.n, "metrics": scores.metrics}
