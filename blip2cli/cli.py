@@ -192,7 +192,7 @@ def caption(
 
     paths = expand_sources(inputs)
     decoding = Decoding(num_beams, max_new_tokens, min_new_tokens, sample, top_p, temperature, num_captions).check()
-    settings = {"prompt": prompt, "keep_prompt": keep_prompt, "seed": seed, "revision": revision}
+    settings = {"prompt": prompt, "keep_prompt": keep_prompt, "seed": seed, "quantize": quantize, "revision": revision}
     log = job.open_log(out, model=model, decoding=decoding, **settings) if out is not None else None
     todo = job.pending(paths, log)
     if log is not None and len(todo) < len(paths):
@@ -287,8 +287,9 @@ def ask(
         bool, typer.Option("--instruct", help="Send the text as typed, as a free instruction (no template).")
     ] = False,
     chat: Annotated[
-        bool, typer.Option("--chat", help="Conversation: then read questions from stdin, one a line, until an empty "
-                           "line, exit or EOF; each turn sees the earlier ones."),
+        bool, typer.Option("--chat", help="Conversation: then read questions from stdin, one a line (edited with "
+                           "readline at a terminal), until an empty line, exit or EOF (Ctrl-D); each turn sees the "
+                           "earlier ones."),
     ] = False,
     batch: Annotated[
         Path | None,
@@ -336,7 +337,7 @@ def ask(
     items: list[Any] = [job.BatchQuestion(0, image, question)] if batch is None else job.read_batch(batch)
     log: Any = None
     if batch is not None and out is not None:
-        settings = {"template": tmpl, "instruct": instruct, "seed": seed, "revision": revision}
+        settings = {"template": tmpl, "instruct": instruct, "seed": seed, "quantize": quantize, "revision": revision}
         log = job.open_log(out, model=model, decoding=decoding, **settings)
         todo = job.pending(items, log)
         if len(todo) < len(items):
@@ -385,11 +386,13 @@ def _show_answers(records: Iterable[dict[str, Any]], total: int, json_out: bool,
 
 def _chat(net: Blip2, image: str, question: str | None, template: str, instruct: bool, options: Any,
           log: Any, json_out: bool) -> tuple[int, int]:  # fmt: skip
-    """A conversation: the first question from the command line (if any), then one per stdin line."""
+    """A conversation: the first question from the command line (if any), then one per stdin line (edited with
+    readline at a terminal: chat_input)."""
     import sys
 
     from blip2cli.ask import Chat
     from blip2cli.caption import image_pixels
+    from blip2cli.chat_input import questions
     from blip2cli.render import console, emit, error, line, plain, stdout_is_terminal
 
     pixels = image_pixels(image, net.cfg.vision.image_size, net.cfg.image_mean, net.cfg.image_std)
@@ -400,28 +403,19 @@ def _chat(net: Blip2, image: str, question: str | None, template: str, instruct:
         emit(record) if json_out else error(pixels)
         return 1, 1
     talk = Chat(net, pixels, template, options, instruct)
-    interactive = sys.stdin.isatty()
+    for_people = sys.stdin.isatty() and stdout_is_terminal()
     turns = 0
-    while True:
-        if question is None:
-            if interactive:
-                console.print("[bold]question>[/] ", end="")
-            question = sys.stdin.readline().strip()
-            if not question or question.lower() in ("exit", "quit"):
-                break
-        answer = talk.ask(question)
-        record = {"image": image, "question": question, "answer": answer}
+    for asked in questions(question):
+        record = {"image": image, "question": asked, "answer": talk.ask(asked)}
         if log is not None:
             log.write(record)
         if json_out:
             emit(record)
+        elif for_people:
+            console.print(f"[bold]answer>[/] {plain(record['answer'])}", highlight=False)
         else:
-            if interactive and stdout_is_terminal():
-                console.print(f"[bold]answer>[/] {plain(answer)}", highlight=False)
-            else:
-                line(answer)  # results on stdout
+            line(record["answer"])  # results on stdout
         turns += 1
-        question = None
     return 0, turns
 
 
@@ -507,7 +501,10 @@ def search(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per ITM forward pass.")] = 32,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = "none",
+    quantize: Annotated[
+        str | None, typer.Option("--quantize", help="none, int8 or int4 (default: what the index was built with; "
+                                 "another is refused).", show_default=False)
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Search an index by text (ITC max over the 32 query vectors, then ITM re-rank) or by image.
@@ -526,10 +523,12 @@ def search(
 
         check_stdin()
     result = search_index(
-        index_dir, lambda name: load_encoder(name, device, dtype, batch_size, quantize, revision, cache_dir), query,
-        image, model=model, k=k,
-        rerank_k=rerank_k if rerank and image is None else None, dedup_threshold=dedup,
+        index_dir, lambda name, quantized: load_encoder(name, device, dtype, batch_size, quantized, revision, cache_dir),
+        query, image, model=model, quantize=quantize, k=k, rerank_k=rerank_k if rerank and image is None else None,
+        dedup_threshold=dedup,
     )
+    if quantize is None and result.quantize != "none":
+        note(f"--quantize {result.quantize}: the index was built with it")
     if result.stale_index:
         warn(f"the index in {index_dir} is older than its store (interrupted run?): rerun `blip2 index` to refresh")
     if result.skipped:
@@ -840,7 +839,7 @@ def capfilt(
     settings = CapfiltSettings(
         num_samples=num_samples, keep=keep, prompt=prompt, top_p=top_p, temperature=temperature,
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, filter=filter_, threshold=threshold,
-        seed=seed, captioner=captioner, scorer=scorer,
+        seed=seed, captioner=captioner, scorer=scorer, quantize=quantize,
     )  # fmt: skip
     groups = read_sources(inputs, shard_size, images)
     scoring = load_scorer(scorer, device, dtype, need_itm=settings.filter == "itm", quantize=quantize,

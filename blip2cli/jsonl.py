@@ -94,9 +94,10 @@ class JsonlLog:
         self.close()
 
 
-def check_settings(path: Path, settings: dict[str, Any], what: str) -> None:
+def check_settings(path: Path, settings: dict[str, Any], what: str, partial: bool = False) -> None:
     """Refuse to resume `what` when the settings file `path` records other settings (its records would be mixed
-    in). Reads only: `save_settings` writes the file once the run starts."""
+    in). `partial`: compare only the keys of `settings` (those known before a model loads). Reads only:
+    `save_settings` writes the file once the run starts."""
     if not path.is_file():
         return
     try:
@@ -105,10 +106,30 @@ def check_settings(path: Path, settings: dict[str, Any], what: str) -> None:
         before = None
     if not isinstance(before, dict):
         raise UsageError(f"{path}: not a settings file; delete it to start {what} over")
-    changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+    if partial:
+        before = {k: v for k, v in before.items() if k in settings}
+    changed = changed_settings(before, settings)
     if changed:
-        raise UsageError(f"--out: {what} was written with other settings ({', '.join(changed)}); "
+        raise UsageError(f"--out: {what} was written with other settings ({changed}); "
                          "use another --out or delete it")  # fmt: skip
+
+
+# Settings recorded only since a later version, with the value every file written before then was made with.
+ADDED_LATER: dict[str, Any] = {"quantize": "none"}
+
+
+def changed_settings(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """What differs between recorded and current settings, for a one-line refusal: 'quantize: "int8" there,
+    "none" now' for short values, the key alone for long ones; "" when nothing does."""
+    before = {**{k: v for k, v in ADDED_LATER.items() if k in now}, **before}
+    parts = []
+    for k in sorted(set(before) | set(now)):
+        old, new = before.get(k), now.get(k)
+        if old == new:
+            continue
+        short = all(isinstance(v, str | int | float | None) and len(str(v)) <= 40 for v in (old, new))
+        parts.append(f"{k}: {json.dumps(old)} there, {json.dumps(new)} now" if short else k)
+    return "; ".join(parts)
 
 
 def save_settings(path: Path, settings: dict[str, Any]) -> None:

@@ -233,4 +233,4 @@ def test_batch_out_refuses_other_settings_and_adds_nothing(tiny_opt_dir: Path, p
     assert ask("--batch", str(path), "--out", str(out), model=tiny_opt_dir).exit_code == 1
     assert out.read_text() == first  # the same failures are not appended again
     changed = ask("--batch", str(path), "--out", str(out), "--template", "Q: {} A:", model=tiny_opt_dir)
-    assert changed.exit_code == 2 and "other settings (template)" in changed.stderr
+    assert changed.exit_code == 2 and '(template: "Question: {} Short answer:" there, "Q: {} A:" now)' in changed.stderr

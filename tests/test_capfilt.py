@@ -270,9 +270,20 @@ def test_the_wrong_models_and_changed_settings_are_refused_before_any_work(
     _capfilt(tiny_opt_dir, tiny_retrieval_model_dir, [str(photos)], out, "--num-samples", "2")
     result = runner.invoke(app, ["capfilt", str(photos), "--out", str(out), "--captioner", str(tiny_opt_dir),
                                  "--scorer", str(tiny_retrieval_model_dir), "--device", "cpu", "--num-samples", "3"])
-    assert result.exit_code == 2 and "other settings (num_samples differ)" in result.output
+    assert result.exit_code == 2 and "other settings (num_samples: 2 there, 3 now)" in result.output
     result = runner.invoke(app, ["capfilt", str(photos), "--out", str(out), "--keep", "0"])
     assert result.exit_code == 2
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("torchao") is None, reason="torchao is not installed")
+def test_another_quantization_is_refused(tiny_opt_dir, tiny_retrieval_model_dir, photos, tmp_path):
+    """Issue 15: int8 captions and scores are not mixed into an unquantized run's output (or the reverse)."""
+    out = tmp_path / "x.jsonl"
+    _capfilt(tiny_opt_dir, tiny_retrieval_model_dir, [str(photos)], out, "--num-samples", "1", "--max-new-tokens", "3")
+    result = runner.invoke(app, ["capfilt", str(photos), "--out", str(out), "--captioner", str(tiny_opt_dir),
+                                 "--scorer", str(tiny_retrieval_model_dir), "--device", "cpu", "--num-samples", "1",
+                                 "--max-new-tokens", "3", "--quantize", "int8"])
+    assert result.exit_code == 2 and 'other settings (quantize: "none" there, "int8" now)' in result.output
 
 
 def _tiny_clip(out: Path) -> Path:

@@ -139,7 +139,7 @@ def test_index_and_search(monkeypatch, photo: Path, tmp_path: Path) -> None:
     invoke("search", "a red bicycle", "--index", str(tmp_path / "idx"), "-k", "3", "--no-rerank", "--json")
     (index_dir, _loader, query, image), kwargs = job.calls[0]
     assert (index_dir, query, image) == (tmp_path / "idx", "a red bicycle", None)
-    assert kwargs == {"model": None, "k": 3, "rerank_k": None, "dedup_threshold": None}
+    assert kwargs == {"model": None, "quantize": None, "k": 3, "rerank_k": None, "dedup_threshold": None}
 
 
 @pytest.mark.parametrize("command", [["pretrain", "--stage", "2"], ["finetune"]])

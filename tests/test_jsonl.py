@@ -45,8 +45,10 @@ def test_settings_are_recorded_and_a_mismatch_refused(tmp_path: Path) -> None:
     ResumeLog(out, key, {"model": "m1"}).open().close()
     assert json.loads(settings_path(out).read_text()) == {"model": "m1"}
     ResumeLog(out, key, {"model": "m1"})  # same settings: fine
-    with pytest.raises(UsageError, match=r"other settings \(model\)"):
+    with pytest.raises(UsageError, match=r'other settings \(model: "m1" there, "m2" now\)'):
         ResumeLog(out, key, {"model": "m2"})
+    with pytest.raises(UsageError, match=r"other settings \(decoding\);"):
+        ResumeLog(out, key, {"model": "m1", "decoding": {"num_beams": 5}})  # a long value: named, not shown
 
 
 def test_creating_a_log_writes_nothing(tmp_path: Path) -> None:

@@ -30,9 +30,16 @@ def test_the_page_links_names_and_describes(tmp_path):
     assert 'alt="beach &amp; sea #1.png"' in text and 'alt="dog.png"' in text
     assert "a red square" in text and "model Salesforce/blip2-itm-vit-g" in text
     assert f"index {tmp_path}/pics.idx" in text
-    assert "<span>holiday-photos-2024-with-a-long-name</span>/<wbr><span>beach &amp; sea #1.png</span>" in text
-    assert 'same file: <span></span>/<wbr><span>backup</span>/<wbr><span>dog.png</span>' in text
+    assert '<div class="name" title="' + str(first).replace("&", "&amp;") + '">beach &amp; sea #1.png</div>' in text
+    assert "<span>holiday-photos-2024-with-a-long-name</span>/<wbr></div>" in text  # the folders, below the name
+    assert 'same file: <span></span>/<wbr><span>backup</span>/<wbr><span class="file">dog.png</span>' in text
     assert "break-all" not in text and re.search(r"\.path span \{ white-space: nowrap; \}", text)
+
+
+def test_long_file_names_wrap_between_words_only(tmp_path):
+    name = "a_long_camera-roll_name.jpeg"
+    write_html(tmp_path / "hits.html", [Hit(1, str(tmp_path / name), 0.5, 0.5, None)], "cat")
+    assert ">a_<wbr>long_<wbr>camera-<wbr>roll_<wbr>name.jpeg</div>" in (tmp_path / "hits.html").read_text()
 
 
 def test_an_image_query_page_has_alt_text_for_the_query(tmp_path):
@@ -47,4 +54,5 @@ def test_an_unreadable_hit_keeps_its_link_and_path(tmp_path):
     page = tmp_path / "hits.html"
     write_html(page, [Hit(1, str(gone), 0.5, 0.5, None)], "cat")
     text = page.read_text()
-    assert "cannot read image" in text and gone.as_uri() in text and "<span>gone.jpg</span>" in text
+    assert "cannot read image" in text and gone.as_uri() in text and '<div class="name" title="' in text
+    assert ">gone.jpg</div>" in text

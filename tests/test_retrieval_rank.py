@@ -54,7 +54,7 @@ def test_dedup_refills_to_k(store, tmp_path):
         Path(path).touch()  # search skips files that no longer exist: these do
 
     def search(**kw):
-        found = search_index(store.root, lambda name: FakeEncoder(target), "x", k=3, rerank_k=None, **kw).hits
+        found = search_index(store.root, lambda name, quantize: FakeEncoder(target), "x", k=3, rerank_k=None, **kw).hits
         return [h.path.removeprefix(str(tmp_path / "files")) for h in found]
 
     plain = search()

@@ -55,6 +55,7 @@ class CapfiltSettings:
     seed: int = 0
     captioner: str = DEFAULT_CAPTIONER
     scorer: str = DEFAULT_SCORER
+    quantize: str = "none"  # both models' frozen towers (--quantize): other weights, other captions and scores
 
     def __post_init__(self) -> None:
         if self.num_samples < 0:

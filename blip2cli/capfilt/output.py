@@ -26,7 +26,7 @@ from typing import Any
 from blip2cli.capfilt.sources import Group, Item
 from blip2cli.errors import DiskFull, UsageError
 from blip2cli.files import atomic_write, disk_full, is_disk_full, json_line
-from blip2cli.jsonl import JsonlLog, read_jsonl
+from blip2cli.jsonl import JsonlLog, changed_settings, read_jsonl
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -45,10 +45,9 @@ def _check_settings(path: Path, settings: dict[str, Any], out: Path, rank: int) 
             recorded = json.loads(path.read_text(encoding="utf-8")).get("settings")
         except (OSError, json.JSONDecodeError, AttributeError):
             raise UsageError(f"{path}: unreadable capfilt settings; delete {out} to start over") from None
-        if recorded != settings:
-            changed = sorted(k for k in set(recorded or {}) | set(settings)
-                             if (recorded or {}).get(k) != settings.get(k))
-            raise UsageError(f"{out} was made with other settings ({', '.join(changed)} differ): use another --out, "
+        changed = changed_settings(recorded if isinstance(recorded, dict) else {}, settings)
+        if changed:
+            raise UsageError(f"{out} was made with other settings ({changed}): use another --out, "
                              f"or delete it to start over")
     elif rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,12 @@ def check_inputs(predictions: Path | None, model: str | None, images: Path | Non
         raise UsageError("--images: required with --model (the folder holding the benchmark's images)")
 
 
+def check_weights(out: Path | None, model: str | None, quantize: str) -> None:
+    """Before a model loads: refuse at once a run in `out` started with another model or quantization."""
+    if out is not None:
+        check_settings(out / "run.json", {"model": model, "quantize": quantize}, str(out), partial=True)
+
+
 def check_run(out: Path, settings: dict[str, Any]) -> None:
     """Refuse to resume a run in `out` that was started with other settings (its predictions would be mixed in)."""
     check_settings(out / "run.json", settings, str(out))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from blip2cli.decoding import CAPTION_PROMPT, Decoding, caption_defaults
 from blip2cli.errors import UsageError
-from blip2cli.eval import check_inputs, load_model, resume_log, write_outputs
+from blip2cli.eval import check_inputs, check_weights, load_model, resume_log, write_outputs
 from blip2cli.eval import datasets as ds
 from blip2cli.jsonl import run_resumable
 
@@ -297,9 +297,10 @@ def eval_caption(
         ds.check_same_ids(set(preds), set(data.refs), predictions, annotations, "image")
     else:
         paths = ds.resolve_images(images, [data.files[i] for i in data.refs])
+        check_weights(out, model, quantize)  # before the (long) load
         net, pixels = load_model(model, device, dtype, "caption", "eval caption", quantize, revision, cache_dir)
         options = decoding.apply(caption_defaults(net, prompt))
-        log = resume_log(out, {"task": "caption", "model": model, "revision": revision,
+        log = resume_log(out, {"task": "caption", "model": model, "revision": revision, "quantize": quantize,
                                "annotations": str(annotations), "prompt": prompt, "options": vars(options)})
         preds = generate_captions(net, dict(zip(data.refs, paths)), pixels, prompt, options, batch_size, log)
     scores = score_captions(data.refs, preds, metrics, data.domains or None)

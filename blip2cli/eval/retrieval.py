@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from blip2cli.data.transforms import clean_caption
-from blip2cli.eval import check_inputs, load_model, resume_log, write_outputs
+from blip2cli.eval import check_inputs, check_weights, load_model, resume_log, write_outputs
 from blip2cli.eval import datasets as ds
 from blip2cli.jsonl import JsonlLog, read_jsonl
 from blip2cli.model.losses import itc_similarity
@@ -211,9 +211,10 @@ def eval_retrieval(
         i2t_ranked, t2i_ranked = ds.read_retrieval_predictions(predictions, len(data.images), len(data.texts))
     else:
         paths = ds.resolve_images(images, [[p] for p in data.images])
+        check_weights(out, model, quantize)  # before the (long) load
         net, pixels = load_model(model, device, dtype, "retrieval", "eval retrieval", quantize, revision, cache_dir)
         texts = [clean_caption(t) for t in data.texts]
-        settings = {"task": f"retrieval-{dataset}", "model": model, "revision": revision,
+        settings = {"task": f"retrieval-{dataset}", "model": model, "revision": revision, "quantize": quantize,
                     "annotations": str(annotations), "k_test": k_test}
         log = resume_log(out, settings, "itm_rows.jsonl")  # a rerun with the same --out resumes the ITM re-ranking
         i2t, t2i = retrieval_scores(net, paths, texts, pixels, batch_size, k_test, log=log, max_text_len=max_text_len)

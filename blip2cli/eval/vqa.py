@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from blip2cli.data.transforms import clean_question
 from blip2cli.decoding import VQA_TEMPLATE, Decoding, vqa_defaults
 from blip2cli.errors import UsageError
-from blip2cli.eval import check_inputs, load_model, resume_log, write_outputs
+from blip2cli.eval import check_inputs, check_weights, load_model, resume_log, write_outputs
 from blip2cli.eval import datasets as ds
 from blip2cli.jsonl import run_resumable
 
@@ -292,9 +292,10 @@ def eval_vqa(
         if dataset != "gqa" and questions is None:
             raise UsageError("--questions: required with --model (the question file that goes with --annotations)")
         paths = ds.resolve_images(images, [q.images for q in items])
+        check_weights(out, model, quantize)  # before the (long) load
         net, pixels = load_model(model, device, dtype, "answer", "eval vqa", quantize, revision, cache_dir)
         options = decoding.apply(vqa_defaults(net))
-        log = resume_log(out, {"task": f"vqa-{dataset}", "model": model, "revision": revision,
+        log = resume_log(out, {"task": f"vqa-{dataset}", "model": model, "revision": revision, "quantize": quantize,
                                "questions": str(questions or annotations), "template": template, "lemmatize": lemma,
                                "options": vars(options)})  # fmt: skip
         jobs = [(q.question_id, p, template.format(clean_question(q.question))) for q, p in zip(items, paths)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,10 @@ h1 {{ font-size: 20px; margin: 0 0 4px; }} .sub {{ color: #666; margin-bottom: 1
 .hit {{ background: #fff; border: 1px solid #ddd; border-radius: 8px; padding: 8px; }}
 .hit img {{ width: 100%; height: 200px; object-fit: contain; background: #eee; border-radius: 4px; }}
 .rank {{ font-weight: 600; }} .score {{ float: right; font-variant-numeric: tabular-nums; }}
+.name {{ margin-top: 4px; font-size: 13px; overflow-wrap: anywhere; }} .file {{ overflow-wrap: anywhere; }}
 .path {{ color: #555; font-size: 12px; overflow: hidden; text-overflow: ellipsis; }}
-.path span {{ white-space: nowrap; }} .hit a {{ display: block; }} .nums {{ color: #777; font-size: 12px; }}
+.path span {{ white-space: nowrap; }} .path span.file {{ white-space: normal; }}
+.hit a {{ display: block; }} .nums {{ color: #777; font-size: 12px; }}
 .missing {{ height: 200px; display: flex; align-items: center; justify-content: center; background: #eee; }}
 </style></head><body>
 <h1>{title}</h1><div class="sub">{subtitle}</div>{query}
@@ -126,7 +129,8 @@ def write_html(path: Path, hits: Sequence[Hit], text: str | None = None, image: 
         cards.append(
             f'<div class="hit">{picture}<div><span class="rank">#{hit.rank}</span>'
             f'<span class="score">{hit.score:.4f}</span></div>{nums}'
-            f'<div class="path" title="{html.escape(hit.path, quote=True)}">{_path_html(hit.path)}</div>'
+            f'<div class="name" title="{html.escape(hit.path, quote=True)}">{_name_html(Path(hit.path).name)}</div>'
+            f'<div class="path">{_folder_html(hit.path)}</div>'
             + "".join(f'<div class="path copy">same file: {_path_html(c)}</div>' for c in hit.copies) + "</div>"
         )
     query = ""
@@ -155,7 +159,18 @@ def _file_link(path: str) -> str | None:
         return None
 
 
+def _folder_html(path: str) -> str:
+    """The folders of `path`, each kept whole on its line (breaks only after a "/"; one wider than the card is cut
+    with an ellipsis, the full path is the name's tooltip)."""
+    return "".join(f"<span>{html.escape(part)}</span>/<wbr>" for part in path.split("/")[:-1])
+
+
+def _name_html(name: str) -> str:
+    """A file name shown in full: it wraps at its spaces and after "_" and "-", and inside a run of letters only
+    where that run alone is wider than the card (CSS overflow-wrap: anywhere)."""
+    return "<wbr>".join(html.escape(part) for part in re.split(r"(?<=[_-])(?=.)", name))
+
+
 def _path_html(path: str) -> str:
-    """The path with line breaks allowed only after a separator: each part stays whole on its line."""
-    parts = [f"<span>{html.escape(part)}</span>" for part in path.split("/")]
-    return "/<wbr>".join(parts)
+    """A whole path: its folders, then its file name, broken as `_folder_html` and `_name_html` say."""
+    return f'{_folder_html(path)}<span class="file">{_name_html(path.split("/")[-1])}</span>'

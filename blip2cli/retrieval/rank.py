@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from blip2cli.errors import InputError, UsageError
+from blip2cli.model.quantize import CHOICES
 from blip2cli.retrieval.index import LoadedIndex
 from blip2cli.retrieval.scores import exact_search, image_scores, itc_scores  # noqa: F401  (exact_search: tests)
 from blip2cli.retrieval.store import Store
@@ -54,6 +55,7 @@ class SearchResult:
     skipped: list[str] = field(default_factory=list)  # indexed files that no longer exist (or failed to re-load)
     stale_index: bool = False  # the store changed after the index was written (an interrupted `blip2 index`)
     model: str = ""  # the model that embedded the query (the index's own unless another was asked for)
+    quantize: str = "none"  # how its weights were quantized (the index's own unless another was asked for)
 
 
 class QueryEncoder(Protocol):
@@ -70,23 +72,29 @@ class QueryEncoder(Protocol):
 
 def search_index(
     index_dir: Path,
-    encoder: Callable[[str], QueryEncoder],
+    encoder: Callable[[str, str], QueryEncoder],
     text: str | None = None,
     image: str | Path | None = None,
     *,
     model: str | None = None,
+    quantize: str | None = None,
     k: int = 10,
     rerank_k: int | None = 128,
     dedup_threshold: float | None = None,
 ) -> SearchResult:
     """`blip2 search`: a text (ITC, then ITM re-rank of the best `rerank_k` unless None) or an image query against
-    an index folder. `encoder(name)` loads `model`, by default the one the index was built with; another model's
-    vectors are refused."""
+    an index folder. `encoder(name, quantize)` loads `model` quantized as `quantize`, by default the model and the
+    quantization the index was built with; another model's or another quantization's vectors are refused."""
     from blip2cli.data.images import load_source
 
     with Store.open(index_dir) as store:
         loaded = LoadedIndex.load(index_dir, store)
-        enc = encoder(model or store.info.model)
+        if quantize is not None:  # an explicit other quantization: refused before the model loads
+            if quantize not in CHOICES:
+                raise UsageError(f"--quantize: expected none, int8 or int4, got {quantize!r}")
+            store.check_quantize(quantize)
+        quantize = quantize or store.info.quantize
+        enc = encoder(model or store.info.model, quantize)
         store.check_model(enc.name, enc.fingerprint)
         if image is not None:
             try:
@@ -102,7 +110,7 @@ def search_index(
                                     itm_fn=itm_fn)
         result = run(k=k) if dedup_threshold is None else _refilled(store, run, k, dedup_threshold)
         result.stale_index = loaded.stale
-        result.model = enc.name
+        result.model, result.quantize = enc.name, quantize
     return result
 
 

@@ -62,6 +62,11 @@ class StoreInfo:
     dim: int  # D, 256 for BLIP-2's ITC projection
     rows_per_shard: int = ROWS_PER_SHARD
 
+    @property
+    def quantize(self) -> str:
+        """none, int8 or int4: the --quantize the vectors were made with (load.finish: "<weights>[:int8|int4]")."""
+        return self.fingerprint.partition(":")[2] or "none"
+
 
 @dataclass(frozen=True)
 class FileEntry:
@@ -179,18 +184,22 @@ class Store:
     def check_model(self, name: str, fingerprint: str) -> None:
         """Refuse vectors of another model (they are not comparable), saying what to do instead."""
         weights, _, quantized = fingerprint.partition(":")  # load.finish: "<weights>[:int8|int4]"
-        built, _, built_quantized = self.info.fingerprint.partition(":")
-        if weights == built and quantized != built_quantized:
-            raise UsageError(
-                f"{self.root} was built with --quantize {built_quantized or 'none'}, not {quantized or 'none'}: "
-                f"vectors of differently quantized weights are not mixed; use --quantize {built_quantized or 'none'}, "
-                "or another --index folder"
-            )
+        if weights == self.info.fingerprint.partition(":")[0]:
+            self.check_quantize(quantized or "none")
         if fingerprint != self.info.fingerprint:
             raise UsageError(
                 f"{self.root} was built with model '{self.info.model}' (weights {self.info.fingerprint[:12]}), "
                 f"not '{name}' (weights {fingerprint[:12]}): embeddings of different models cannot be compared; "
                 f"use --model {self.info.model}, or another --index folder for this model"
+            )
+
+    def check_quantize(self, quantize: str) -> None:
+        """Refuse vectors of differently quantized weights (checked before a model loads where it can be)."""
+        if quantize != self.info.quantize:
+            raise UsageError(
+                f"{self.root} was built with --quantize {self.info.quantize}, not {quantize}: vectors of differently "
+                f"quantized weights are not mixed; use --quantize {self.info.quantize}, or another "
+                "--index folder"
             )
 
     # -- reading ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from blip2cli.config import Recipe, save_recipe
 from blip2cli.errors import UsageError
 from blip2cli.files import LineAppender, atomic_write_text
 from blip2cli.model.blip2 import Blip2
+from blip2cli.model.quantize import is_quantized_module
 from blip2cli.train import checkpoint as ckpt
 from blip2cli.train import sharding
 from blip2cli.train.data import Batch, TrainData, ValBatches, build_train_data, build_val_batches
@@ -230,6 +231,8 @@ def _feature_cache(recipe: Recipe, model: Blip2, data: TrainData, device: torch.
     with torch.no_grad():
         probe = model.vision(torch.zeros(1, 3, v.image_size, v.image_size, device=device))  # (1, N, Dv), its dtype
     source = f"{v.kind}:{v.weights or v.timm_name or f'random(seed={recipe.train.seed})'}:{v.image_size}px"
+    if any(is_quantized_module(m) for m in model.vision.modules()):  # other features: another cache
+        source += f":{recipe.train.quantize}"
     cache = FeatureCache(recipe.train.feature_cache, data.cache_keys(), tuple(probe.shape[1:]), probe.dtype, source)
     model.vision = CachedVision(model.vision)
     data.attach_cache(cache)
