@@ -93,7 +93,8 @@ def test_tiny_stage1_recipe_learns_itc_and_itm(tmp_path):
     from blip2cli.train.health import alignment
 
     # A constant rate after warm-up: ITM starts to learn only once ITC has (README), and 16 photos leave less time.
-    _, out, files, captions = _run(tmp_path, 350, **{"train.min_lr": 1e-3})
+    # 350 steps left ITM at 0.61-0.66 from run to run (threaded float sums differ); 450 gave 0.81.
+    _, out, files, captions = _run(tmp_path, 450, **{"train.min_lr": 1e-3})
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all({"itc", "itm", "itg", "itc_acc", "itm_acc", "temp"} <= set(r) for r in records)
