@@ -212,6 +212,15 @@ def test_caption_out_resume_keys_urls(tiny_opt_dir: Path, server: str, small_lim
     assert json.loads(out.read_text().splitlines()[-1])["image"] == url
 
 
+def test_malformed_urls_are_one_failed_input(tiny_opt_dir: Path, small_limits: None) -> None:
+    urls = ["http://[::1/x.jpg", "http:///x.jpg"]  # urllib refuses the first when parsing, the second when opening
+    result = invoke("caption", *urls, "--json", model=tiny_opt_dir)
+    assert result.exit_code == 1, result.output
+    records = json_lines(result.stdout)
+    assert [r["image"] for r in records] == urls
+    assert all(r["error"].startswith("cannot fetch URL: ") and r["error"].endswith(r["image"]) for r in records)
+
+
 def test_other_schemes_are_usage_errors(tiny_opt_dir: Path) -> None:
     for args in (["caption", "ftp://example.com/x.jpg"], ["ask", "file:///tmp/x.jpg", "what?"]):
         result = invoke(*args, model=tiny_opt_dir)

@@ -60,9 +60,9 @@ def fetch_url(url: str) -> bytes:
     if not is_url(url):
         raise InputError(f"cannot fetch URL: only http:// and https:// are fetched: {url}")
     opener = urllib.request.build_opener(_Redirects)  # + ProxyHandler from the environment, as urlopen has
-    request = urllib.request.Request(url, headers={"User-Agent": f"blip2cli/{__version__}"})
     deadline = time.monotonic() + DEADLINE
     try:
+        request = urllib.request.Request(url, headers={"User-Agent": f"blip2cli/{__version__}"})  # may refuse it
         with opener.open(request, timeout=CONNECT_TIMEOUT) as response:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > MAX_URL_BYTES:
