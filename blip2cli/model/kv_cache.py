@@ -8,7 +8,10 @@ whole cache again for the surviving beams: two copies of every cached position p
 - after `batch_repeat_interleave(k)` the positions cached so far (queries and prompt) are the same in the k
   beams of an item, and a beam's parent is always a beam of the same item, so `reorder_beams` moves only the
   positions written since: the generated tokens, not the 32 queries and the prompt (T5: not the encoder's
-  cross-attention keys at all).
+  cross-attention keys at all);
+- `batch_repeat_interleave` also puts all layers' buffers in one tensor, so that a reorder is one gather and one
+  copy for the whole cache rather than two per layer and tensor: on a shared CPU each small op costs a thread
+  wake-up, whatever its size.
 
 The attention sees the same keys and values, in the same shapes, as with DynamicCache: the same logits.
 """
@@ -49,11 +52,8 @@ class BufferedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
-        if end > self._keys.shape[-2]:  # past the reserve (more tokens than announced): grow
-            grown = end + self.extra
-            self._keys = torch.cat((self._keys[:, :, : self.length], self._empty(key_states, grown - self.length)), 2)
-            self._values = torch.cat((self._values[:, :, : self.length],
-                                      self._empty(value_states, grown - self.length)), 2)  # fmt: skip
+        if end > self._keys.shape[-2]:
+            raise RuntimeError(f"KV cache full: {self._keys.shape[-2]} positions reserved, {end} needed")
         self._keys[:, :, self.length : end] = key_states
         self._values[:, :, self.length : end] = value_states
         self.length = end
@@ -70,6 +70,11 @@ class BufferedLayer(DynamicLayer):
             self._values = self._values.repeat_interleave(repeats, dim=0)
             self._view()
         self.shared = self.length
+
+    def _take(self, keys: Tensor, values: Tensor) -> None:
+        """Use these buffers (views of the cache's merged tensor) from now on."""
+        self._keys, self._values = keys, values
+        self._view()
 
     def reorder_beams(self, beam_idx: Tensor) -> None:
         """Row i takes row beam_idx[i]'s cache, beam_idx[i] being a beam of the same item as i."""
@@ -104,7 +109,32 @@ class BufferedCache(DynamicCache):
 
     def __init__(self, extra: int) -> None:
         Cache.__init__(self, layer_class_to_replicate=partial(BufferedLayer, extra))
+        self.merged: Tensor | None = None  # (layers, 2, rows, heads, positions, head_dim): every layer's buffers
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each row becomes `repeats` beams, and the layers' buffers one tensor (when their shapes agree)."""
+        layers = self.layers
+        if not layers or not all(layer.is_initialized for layer in layers):
+            return super().batch_repeat_interleave(repeats)
+        shapes = {(layer._keys.shape, layer._values.shape, layer.length) for layer in layers}
+        if len(shapes) > 1 or layers[0]._keys.shape != layers[0]._values.shape:
+            return super().batch_repeat_interleave(repeats)
+        self.merged = torch.stack([torch.stack((layer._keys, layer._values)) for layer in layers])
+        self.merged = self.merged.repeat_interleave(repeats, dim=2)
+        for layer, buffers in zip(layers, self.merged):
+            layer._take(buffers[0], buffers[1])
+            layer.shared = layer.length
 
     def reorder_beams(self, beam_idx: Tensor) -> None:
-        for layer in self.layers:
-            layer.reorder_beams(beam_idx)
+        if self.merged is None:
+            for layer in self.layers:
+                layer.reorder_beams(beam_idx)
+            return
+        shared, length = self.layers[0].shared, self.layers[0].length
+        if length > shared:
+            tail = self.merged[:, :, :, :, shared:length]
+            tail.copy_(tail[:, :, beam_idx])
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self.merged = None  # the layers gather their own buffers again
+        super().batch_select_indices(indices)
