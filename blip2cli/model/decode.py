@@ -66,7 +66,7 @@ class Runner:
 
     def reorder(self, parents: Tensor) -> None:
         """Beam search: row i continues row parents[i], a beam of the same item (runners may skip what the beams
-        of an item share)."""
+        of an item share). `step` follows, so the logits need not move."""
         self.select(parents)
 
     def select(self, rows: Tensor) -> None:
@@ -81,6 +81,11 @@ def _accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
+def _cache_arg(lm, cache) -> dict:
+    """transformers 5.24 renamed `past_key_values` to `cache`."""
+    return {"cache" if _accepts(lm.forward, "cache") else "past_key_values": cache}
+
+
 class _DecoderOnly(Runner):
     def __init__(self, lm, embeds: Tensor, mask: Tensor, new_tokens: int) -> None:
         self.lm, self.prompt_len = lm, 0
@@ -88,13 +93,14 @@ class _DecoderOnly(Runner):
         self.pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
         self.use_pos = _accepts(lm.forward, "position_ids")
         self.cache = BufferedCache(new_tokens)
+        self.cache_kw = _cache_arg(lm, self.cache)
         extra = {"logits_to_keep": 1} if _accepts(lm.forward, "logits_to_keep") else {}
         self._run(dict(inputs_embeds=embeds, **extra), self.pos)
 
     def _run(self, inputs: dict, pos: Tensor) -> None:
         if self.use_pos:
             inputs["position_ids"] = pos
-        out = self.lm(**inputs, attention_mask=self.mask, past_key_values=self.cache, use_cache=True)
+        out = self.lm(**inputs, attention_mask=self.mask, **self.cache_kw, use_cache=True)
         self.logits = out.logits[:, -1].float()
 
     def repeat(self, k: int) -> None:
@@ -104,7 +110,6 @@ class _DecoderOnly(Runner):
 
     def reorder(self, parents: Tensor) -> None:  # mask and positions are the same in the beams of an item
         self.cache.reorder_beams(parents)
-        self.logits = self.logits[parents]
 
     def select(self, rows: Tensor) -> None:
         self.cache.batch_select_indices(rows)
@@ -125,6 +130,7 @@ class _EncoderDecoder(Runner):
         self.encoded = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
         self.self_cache, self.cross_cache = BufferedCache(new_tokens), BufferedCache(0)
         self.cache = EncoderDecoderCache(self.self_cache, self.cross_cache)
+        self.cache_kw = _cache_arg(lm, self.cache)
         self.start = lm.generation_config.decoder_start_token_id
         if self.start is None:
             self.start = lm.config.decoder_start_token_id
@@ -138,7 +144,6 @@ class _EncoderDecoder(Runner):
     def reorder(self, parents: Tensor) -> None:  # the encoder's outputs are the same in the beams of an item
         self.self_cache.reorder_beams(parents)
         self.cross_cache.reorder_beams(parents)
-        self.logits = self.logits[parents]
 
     def select(self, rows: Tensor) -> None:
         self.cache.batch_select_indices(rows)
@@ -147,7 +152,7 @@ class _EncoderDecoder(Runner):
 
     def step(self, tokens: Tensor) -> None:
         out = self.lm(encoder_outputs=self.encoded, attention_mask=self.mask, decoder_input_ids=tokens[:, None],
-                      past_key_values=self.cache, use_cache=True)
+                      **self.cache_kw, use_cache=True)
         self.logits = out.logits[:, -1].float()
 
 

@@ -41,7 +41,7 @@ class QFormerRunner(decode.Runner):
             self.logits.repeat_interleave(k, 0)  # fmt: skip
 
     def reorder(self, parents: Tensor) -> None:  # the query keys/values are the same in the beams of an image
-        self.seqs, self.logits = self.seqs[parents], self.logits[parents]
+        self.seqs = self.seqs[parents]
 
     def select(self, rows: Tensor) -> None:
         self.cache = QueryCache([(k[rows], v[rows]) for k, v in self.cache.layers])
