@@ -16,6 +16,8 @@ The floor: what any implementation computing the same fp32 tokens must spend at 
 encoder + Q-Former + one prompt pass per image, plus, per decoding step, the LLM's linear layers and LM head
 alone on that step's rows (batch x beams), timed on the model's own weights in three layouts (as stored,
 transposed, and oneDNN-packed for that row count; the fastest counts): no attention, no cache, no search.
+It is timed in every round beside ours and hf (load on a shared machine changes by the minute), and
+`ours/floor` is how close we come to it.
 `hf/floor` is the largest speed-up over transformers that such an implementation could reach; where it is below
 1.5, a 1.5x target is out of reach on this machine at identical tokens. (Lower precision or a different
 algorithm would change the tokens.)
