@@ -79,3 +79,22 @@ def test_an_unset_early_stopping_runs_our_loop(fixture, request):
                            num_beams=beams, eos_token_id=eos, pad_token_id=tok.pad_token_id, top_p=None, top_k=None,
                            temperature=None)
         assert decode.decode(lm, embeds, mask, o, eos, tok.pad_token_id).tolist() == want.tolist()
+def test_unset_early_stopping_runs_our_loop(fixture, request):
+    """transformers 5 leaves `early_stopping` unset (None, meaning False) in a saved generation config: captions
+    still take our loop, with generate's tokens."""
+    model = load_model(str(request.getfixturevalue(fixture)), "cpu", "float32")
+    lm = model.llm.model
+    assert lm.generation_config.early_stopping is None
+    prefix = model.llm_prefix(model.vision_embeds(tiny.pixels(2, seed=3)))
+    prompts = ["a photo of", "a dog"]
+    for beams in (1, 3):
+        o = GenerationOptions(num_beams=beams, max_new_tokens=8, min_new_tokens=2)
+        assert decode.supported(lm, o)
+        embeds, mask = (model.llm.encoder_inputs(prefix, prompts, truncate=False) if model.llm.is_encoder_decoder
+                        else model.llm.decoder_inputs(prefix, prompts))  # fmt: skip
+        want = lm.generate(inputs_embeds=embeds, attention_mask=mask, **model.llm._generate_kwargs(o))
+        lm.generate = None  # our loop must not call it
+        try:
+            assert model.llm.generate_tokens(prefix, prompts, o).tolist() == want.tolist()
+        finally:
+            del lm.generate

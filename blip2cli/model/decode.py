@@ -3,6 +3,9 @@ the same inputs, with less work:
 
 - the prompt ([queries ; BOS prompt]) is run once per image and its KV cache repeated for the beams, where
   `generate` runs it once per beam;
+- the KV cache is preallocated for the whole decode and written in place, and reordering beams moves only the
+  generated positions, the prompt's being the same in all beams of an image (kv_cache.py), where `generate`
+  concatenates and gathers the whole cache at every step;
 - greedy decoding drops finished rows from the batch instead of computing padding;
 - no autograd bookkeeping (inference mode), and no per-step logits-processor machinery.
 
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from blip2cli.config import GenerationOptions
+from blip2cli.model.kv_cache import BufferedCache
 
 NEG = -1.0e9  # transformers' "impossible" score
 
@@ -37,8 +41,13 @@ def supported(lm, o: GenerationOptions) -> bool:
               g.suppress_tokens, g.begin_suppress_tokens, g.sequence_bias, g.diversity_penalty,
               g.encoder_repetition_penalty not in (None, 1.0), g.exponential_decay_length_penalty,
               g.renormalize_logits, g.min_length not in (None, 0))
-    # transformers 5 leaves early_stopping unset (None) unless a generation_config.json sets it: it means False
-    return not o.do_sample and not any(exotic) and g.early_stopping in (None, False, True, "never")
+    return not o.do_sample and not any(exotic) and stopping_rule(lm) in (False, True, "never")
+
+
+def stopping_rule(lm) -> bool | str:
+    """The model's beam-search stopping rule; unset (transformers 5's default config) means False."""
+    rule = lm.generation_config.early_stopping
+    return False if rule is None else rule
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -52,9 +61,16 @@ class Runner:
     logits: Tensor
 
     def repeat(self, k: int) -> None:
+        """Each row becomes k beams (rows i*k .. i*k+k-1)."""
         raise NotImplementedError
 
+    def reorder(self, parents: Tensor) -> None:
+        """Beam search: row i continues row parents[i], a beam of the same item (runners may skip what the beams
+        of an item share). `step` follows, so the logits need not move."""
+        self.select(parents)
+
     def select(self, rows: Tensor) -> None:
+        """Keep these rows only (greedy: finished rows leave)."""
         raise NotImplementedError
 
     def step(self, tokens: Tensor) -> None:
@@ -65,30 +81,26 @@ def _accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
-def _cache_arg(fn) -> str:
-    """The name `forward` takes the KV cache by: transformers 5.24 renamed `past_key_values` to `cache` and warns
-    about the old name."""
-    return "cache" if _accepts(fn, "cache") else "past_key_values"
+def _cache_arg(lm, cache) -> dict:
+    """transformers 5.24 renamed `past_key_values` to `cache`."""
+    return {"cache" if _accepts(lm.forward, "cache") else "past_key_values": cache}
 
 
 class _DecoderOnly(Runner):
-    def __init__(self, lm, embeds: Tensor, mask: Tensor) -> None:
-        from transformers import DynamicCache
-
+    def __init__(self, lm, embeds: Tensor, mask: Tensor, new_tokens: int) -> None:
         self.lm, self.prompt_len = lm, 0
         self.mask = mask
         self.pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
         self.use_pos = _accepts(lm.forward, "position_ids")
-        self.cache_arg = _cache_arg(lm.forward)
-        self.cache = DynamicCache()
+        self.cache = BufferedCache(new_tokens)
+        self.cache_kw = _cache_arg(lm, self.cache)
         extra = {"logits_to_keep": 1} if _accepts(lm.forward, "logits_to_keep") else {}
         self._run(dict(inputs_embeds=embeds, **extra), self.pos)
 
     def _run(self, inputs: dict, pos: Tensor) -> None:
         if self.use_pos:
             inputs["position_ids"] = pos
-        inputs[self.cache_arg] = self.cache
-        out = self.lm(**inputs, attention_mask=self.mask, use_cache=True)
+        out = self.lm(**inputs, attention_mask=self.mask, **self.cache_kw, use_cache=True)
         self.logits = out.logits[:, -1].float()
 
     def repeat(self, k: int) -> None:
@@ -96,8 +108,11 @@ class _DecoderOnly(Runner):
         self.mask, self.pos = self.mask.repeat_interleave(k, 0), self.pos.repeat_interleave(k, 0)
         self.logits = self.logits.repeat_interleave(k, 0)
 
+    def reorder(self, parents: Tensor) -> None:  # mask and positions are the same in the beams of an item
+        self.cache.reorder_beams(parents)
+
     def select(self, rows: Tensor) -> None:
-        self.cache.reorder_cache(rows) if len(rows) == self.mask.shape[0] else self.cache.batch_select_indices(rows)
+        self.cache.batch_select_indices(rows)
         self.mask, self.pos, self.logits = self.mask[rows], self.pos[rows], self.logits[rows]
 
     def step(self, tokens: Tensor) -> None:
@@ -107,14 +122,15 @@ class _DecoderOnly(Runner):
 
 
 class _EncoderDecoder(Runner):
-    def __init__(self, lm, embeds: Tensor, mask: Tensor) -> None:
-        from transformers import DynamicCache, EncoderDecoderCache
+    def __init__(self, lm, embeds: Tensor, mask: Tensor, new_tokens: int) -> None:
+        from transformers import EncoderDecoderCache
 
         self.lm, self.prompt_len = lm, 1
         self.mask = mask
         self.encoded = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
-        self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        self.cache_arg = _cache_arg(lm.forward)
+        self.self_cache, self.cross_cache = BufferedCache(new_tokens), BufferedCache(0)
+        self.cache = EncoderDecoderCache(self.self_cache, self.cross_cache)
+        self.cache_kw = _cache_arg(lm, self.cache)
         self.start = lm.generation_config.decoder_start_token_id
         if self.start is None:
             self.start = lm.config.decoder_start_token_id
@@ -125,19 +141,24 @@ class _EncoderDecoder(Runner):
         self.mask, self.logits = self.mask.repeat_interleave(k, 0), self.logits.repeat_interleave(k, 0)
         self.encoded.last_hidden_state = self.encoded.last_hidden_state.repeat_interleave(k, 0)
 
+    def reorder(self, parents: Tensor) -> None:  # the encoder's outputs are the same in the beams of an item
+        self.self_cache.reorder_beams(parents)
+        self.cross_cache.reorder_beams(parents)
+
     def select(self, rows: Tensor) -> None:
-        self.cache.reorder_cache(rows) if len(rows) == self.mask.shape[0] else self.cache.batch_select_indices(rows)
+        self.cache.batch_select_indices(rows)
         self.mask, self.logits = self.mask[rows], self.logits[rows]
         self.encoded.last_hidden_state = self.encoded.last_hidden_state[rows]
 
     def step(self, tokens: Tensor) -> None:
         out = self.lm(encoder_outputs=self.encoded, attention_mask=self.mask, decoder_input_ids=tokens[:, None],
-                      use_cache=True, **{self.cache_arg: self.cache})
+                      **self.cache_kw, use_cache=True)
         self.logits = out.logits[:, -1].float()
 
 
-def runner(lm, embeds: Tensor, mask: Tensor) -> Runner:
-    return (_EncoderDecoder if lm.config.is_encoder_decoder else _DecoderOnly)(lm, embeds, mask)
+def runner(lm, embeds: Tensor, mask: Tensor, new_tokens: int) -> Runner:
+    """The prompt run; the cache holds `new_tokens` more positions without reallocating."""
+    return (_EncoderDecoder if lm.config.is_encoder_decoder else _DecoderOnly)(lm, embeds, mask, new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,7 +279,7 @@ def beam_search(run: Runner, o: GenerationOptions, eos: Tensor, fill: int, early
         b.running, b.running_scores = _gather(candidates, keep), _gather(alive, keep)
         beam_parent = _gather(parent, keep)
         _finish(b, candidates, top_scores, hits & top_k_mask, step, lp, early_stopping)
-        run.select((beam_parent + offsets).reshape(-1))
+        run.reorder((beam_parent + offsets).reshape(-1))
         b.open &= _can_improve(b, step + 1, T, lp, early_stopping)
         exists_open = not (bool(b.is_finished.all()) and early_stopping is True)
         if not (bool(b.open.any()) and exists_open and not bool(hits.all())):
@@ -294,9 +315,8 @@ def decode(lm, embeds: Tensor, mask: Tensor, o: GenerationOptions, eos_ids: list
     """Token ids (rows * num_return_sequences, L), laid out as transformers' generate returns them."""
     eos = torch.tensor(eos_ids, device=embeds.device)
     with torch.inference_mode():
-        run = runner(lm, embeds, mask)
+        run = runner(lm, embeds, mask, o.max_new_tokens)
         if o.num_beams == 1:  # generate pads finished rows with the pad id
             return greedy(run, o, eos, eos_ids[0] if pad_id is None else pad_id)
         # beam search fills with `pad or eos` (so a pad id of 0, as T5's, falls back to EOS)
-        early = lm.generation_config.early_stopping
-        return beam_search(run, o, eos, pad_id if pad_id else eos_ids[0], False if early is None else early)
+        return beam_search(run, o, eos, pad_id if pad_id else eos_ids[0], stopping_rule(lm))

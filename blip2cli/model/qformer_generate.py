@@ -40,6 +40,9 @@ class QFormerRunner(decode.Runner):
         self.cache, self.seqs, self.logits = self.cache.expand(k), self.seqs.repeat_interleave(k, 0), \
             self.logits.repeat_interleave(k, 0)  # fmt: skip
 
+    def reorder(self, parents: Tensor) -> None:  # the query keys/values are the same in the beams of an image
+        self.seqs = self.seqs[parents]
+
     def select(self, rows: Tensor) -> None:
         self.cache = QueryCache([(k[rows], v[rows]) for k, v in self.cache.layers])
         self.seqs, self.logits = self.seqs[rows], self.logits[rows]
