@@ -79,6 +79,9 @@ def test_an_unset_early_stopping_runs_our_loop(fixture, request):
                            num_beams=beams, eos_token_id=eos, pad_token_id=tok.pad_token_id, top_p=None, top_k=None,
                            temperature=None)
         assert decode.decode(lm, embeds, mask, o, eos, tok.pad_token_id).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_opt_dir", "tiny_t5_dir"])
 def test_unset_early_stopping_runs_our_loop(fixture, request):
     """transformers 5 leaves `early_stopping` unset (None, meaning False) in a saved generation config: captions
     still take our loop, with generate's tokens."""
