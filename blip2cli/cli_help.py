@@ -73,23 +73,22 @@ def _tidy(params: list[Any]) -> list[Any]:
     return params
 
 
-class HelpCommand(TyperCommand):
-    """A command whose help reads like click's (see the module docstring)."""
+class _ClickHelp:
+    """Help that reads like click's (see the module docstring), for a Typer command or group."""
+
+    help: str | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.help = rewrap(self.help)
 
     def get_params(self, ctx: Any) -> list[Any]:
-        return _tidy(super().get_params(ctx))
+        return _tidy(super().get_params(ctx))  # type: ignore[misc]
 
 
-class HelpGroup(TyperGroup):
-    """A group of commands whose help reads like click's (see the module docstring)."""
+class HelpCommand(_ClickHelp, TyperCommand):
+    """A command whose help reads like click's."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.help = rewrap(self.help)
 
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _tidy(super().get_params(ctx))
+class HelpGroup(_ClickHelp, TyperGroup):
+    """A group of commands whose help reads like click's."""
