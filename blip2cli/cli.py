@@ -511,7 +511,7 @@ def search(
 
     score = ITM logit + ITC cosine when re-ranked, else the ITC cosine. For --image, score is the image-to-image
     similarity: the mean over query vectors of the best-matching cosine, averaged both ways."""
-    from blip2cli.render import emit, note, results, warn
+    from blip2cli.render import emit, note, results, warn, wrote
     from blip2cli.retrieval.export import write_html
     from blip2cli.retrieval.indexer import load_encoder
     from blip2cli.retrieval.rank import search_index
@@ -543,7 +543,7 @@ def search(
                 for h in result.hits]
         results(f"blip2 search: {query if image is None else image}", ["rank", "score", "itc", "itm", "path"], rows)
     if html is not None:
-        note(f"wrote {html}")
+        wrote(html)
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).", dir_okay=False)]
