@@ -16,8 +16,9 @@ CORPUS = [
 ] * 4
 
 Q = 4  # queries
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
-              patch_size=14, layer_norm_eps=1e-6, qkv_bias=True)
+WIDTH = 32  # the ViT's and the LLM's hidden size (`width=`: 64 gives in_features bitsandbytes' CPU NF4 can take)
+VISION = dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2, num_attention_heads=4,
+              image_size=28, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True)
 
 
 def bert_tokenizer(out: Path):
@@ -88,11 +89,11 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p[p.shape[0] // 3: 2 * p.shape[0] // 3] = 0
 
 
-def _qformer_config(vocab_size: int, text: bool):
+def _qformer_config(vocab_size: int, text: bool, vision_width: int = WIDTH):
     from transformers import Blip2QFormerConfig
 
     return Blip2QFormerConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=64, cross_attention_frequency=2, encoder_hidden_size=32,
+                              intermediate_size=64, cross_attention_frequency=2, encoder_hidden_size=vision_width,
                               max_position_embeddings=64, use_qformer_text_input=text)
 
 
@@ -108,12 +109,18 @@ def _processor(tokenizer, out: Path, num_query_tokens: int | None):
     return processor
 
 
-def _save_generation_model(out: Path, tok, text_config, seed: int) -> Path:
-    """A random Blip2ForConditionalGeneration around `text_config`, saved with `save_pretrained` into `out`."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2VisionConfig
+def _vision_config(width: int):
+    from transformers import Blip2VisionConfig
 
-    config = Blip2Config(vision_config=Blip2VisionConfig(**VISION).to_dict(), text_config=text_config.to_dict(),
-                         qformer_config=_qformer_config(30522, False).to_dict(), num_query_tokens=Q,
+    return Blip2VisionConfig(**{**VISION, "hidden_size": width, "intermediate_size": 2 * width})
+
+
+def _save_generation_model(out: Path, tok, text_config, seed: int, width: int) -> Path:
+    """A random Blip2ForConditionalGeneration around `text_config`, saved with `save_pretrained` into `out`."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    config = Blip2Config(vision_config=_vision_config(width).to_dict(), text_config=text_config.to_dict(),
+                         qformer_config=_qformer_config(30522, False, width).to_dict(), num_query_tokens=Q,
                          image_token_index=tok.convert_tokens_to_ids("<image>"))
     model = Blip2ForConditionalGeneration(config)
     _randomize(model, seed)
@@ -121,8 +128,9 @@ def _save_generation_model(out: Path, tok, text_config, seed: int) -> Path:
     return out
 
 
-def opt_model(out: Path, seed: int = 0) -> Path:
-    """A Blip2ForConditionalGeneration with a tiny OPT, saved like the Salesforce/blip2-opt-* repos."""
+def opt_model(out: Path, seed: int = 0, width: int = WIDTH) -> Path:
+    """A Blip2ForConditionalGeneration with a tiny OPT, saved like the Salesforce/blip2-opt-* repos. `width`: the
+    ViT's and OPT's hidden size (their feed-forward layers are twice as wide)."""
     from transformers import OPTConfig
 
     tok = opt_tokenizer(out)
@@ -130,31 +138,32 @@ def opt_model(out: Path, seed: int = 0) -> Path:
     tok = processor.tokenizer
     newline = tok("\n", add_special_tokens=False).input_ids
     assert len(newline) == 1
-    text = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                     max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2,
-                     eos_token_id=newline[0])  # as in the hub config: eos = "\n" (LAVIS Blip2OPT)
-    return _save_generation_model(out, tok, text, seed)
+    text = OPTConfig(vocab_size=len(tok), hidden_size=width, num_hidden_layers=2, ffn_dim=2 * width,
+                     num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=width, pad_token_id=1,
+                     bos_token_id=2, eos_token_id=newline[0])  # as in the hub config: eos = "\n" (LAVIS Blip2OPT)
+    return _save_generation_model(out, tok, text, seed, width)
 
 
-def t5_model(out: Path, seed: int = 1) -> Path:
+def t5_model(out: Path, seed: int = 1, width: int = WIDTH) -> Path:
+    """Likewise with a tiny Flan-T5 (gated-GELU feed-forward, untied LM head). `width`: as in `opt_model`."""
     from transformers import T5Config
 
     tok = t5_tokenizer(out)
     processor = _processor(tok, out, Q)
     tok = processor.tokenizer
-    text = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-                    num_heads=4, dense_act_fn="gelu", is_gated_act=True, feed_forward_proj="gated-gelu",
-                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, bos_token_id=1,
-                    tie_word_embeddings=False)
-    return _save_generation_model(out, tok, text, seed)
+    text = T5Config(vocab_size=len(tok), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=2,
+                    num_decoder_layers=2, num_heads=4, dense_act_fn="gelu", is_gated_act=True,
+                    feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                    bos_token_id=1, tie_word_embeddings=False)
+    return _save_generation_model(out, tok, text, seed, width)
 
 
 def retrieval_model(out: Path, seed: int = 2) -> Path:
     """A Blip2ForImageTextRetrieval like Salesforce/blip2-itm-vit-g (BERT tokenizer + [DEC], no processor config)."""
-    from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2VisionConfig
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
     tok = bert_tokenizer(out)
-    config = Blip2Config(vision_config=Blip2VisionConfig(**VISION).to_dict(),
+    config = Blip2Config(vision_config=_vision_config(WIDTH).to_dict(),
                          qformer_config=_qformer_config(len(tok), True).to_dict(), num_query_tokens=Q,
                          image_text_hidden_size=16)
     model = Blip2ForImageTextRetrieval(config)
