@@ -112,7 +112,8 @@ def _quantize_weight(model: Blip2, modules: dict[str, torch.nn.Module], name: st
     parent, _, child = owner.rpartition(".")
     module.weight = torch.nn.Parameter(value, requires_grad=False)
     int8_compute = owner.startswith("vision.tower.")  # many rows per matmul, never a gradient through it
-    quantize.quantize_linear(modules[parent], child, module, place.quantize, place.device, int8_compute)
+    quantize.quantize_linear(modules[parent], child, module, place.quantize, place.device, int8_compute,
+                             place.backend)
     return True
 
 
@@ -368,14 +369,15 @@ def load_lavis(path: Path, place_args: tuple[str, ...], name: str, vision: str |
 
 
 def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", *, vision: str | None = None,
-               llm: str | None = None, quantize: str = "none", revision: str | None = None,
-               cache_dir: Path | str | None = None) -> Blip2:
+               llm: str | None = None, quantize: str = "none", backend: str | None = None,
+               revision: str | None = None, cache_dir: Path | str | None = None) -> Blip2:
     """Everything `--model` accepts -> a ready Blip2 in eval mode on its device. `quantize` (none|int8|int4):
-    the frozen ViT's and LLM's linear layers, quantized while they load (model/quantize.py). A hub id is
+    the frozen ViT's and LLM's linear layers, quantized while they load (model/quantize.py) by `backend`
+    (torchao|bitsandbytes; None: bitsandbytes on CUDA, torchao on a CPU). A hub id is
     downloaded at `revision` (branch, tag or commit; default main) into `cache_dir` (default: the standard
     Hugging Face cache, HF_HUB_CACHE or HF_HOME/hub), as `hf download --revision --cache-dir` does."""
     path = Path(name_or_path).expanduser()
-    args = (device, dtype, quantize)
+    args = (device, dtype, quantize, backend)
     if revision is not None and (path.exists() or not looks_like_hub_id(name_or_path)):
         raise UsageError(f"--revision {revision}: {name_or_path} is not a hub id (a revision picks a hub commit)")
     if path.is_dir():
@@ -384,7 +386,8 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", *, 
         if _is_hf_dir(path):
             return load_hf_dir(path, args, name_or_path)
         if (path / "final").is_dir():
-            return load_model(str(path / "final"), device, dtype, vision=vision, llm=llm, quantize=quantize)
+            return load_model(str(path / "final"), device, dtype, vision=vision, llm=llm, quantize=quantize,
+                              backend=backend)
         raise UsageError(f"{path}: not a BLIP-2 checkpoint (expected a Hugging Face BLIP-2 config.json, "
                          f"or {RUN_RECIPE} + {RUN_WEIGHTS} from blip2 pretrain/finetune)")
     if path.is_file():

@@ -18,13 +18,15 @@ class Placement:
     vision: torch.dtype  # frozen image tower
     llm: torch.dtype  # frozen language model
     quantize: str = "none"  # none|int8|int4: the frozen towers' linear layers (model/quantize.py)
+    backend: str | None = None  # torchao|bitsandbytes: what quantizes them; None: quantize.backend_for(device)
     # The Q-Former, query tokens, ln_vision and projections always stay fp32 (HF modeling_blip_2).
 
 
-def placement(device: str = "auto", dtype: str = "auto", quantize: str = "none", t5: bool = False) -> Placement:
+def placement(device: str = "auto", dtype: str = "auto", quantize: str = "none", backend: str | None = None,
+              t5: bool = False) -> Placement:
     """Accelerate picks the device for "auto". Frozen towers: bf16 on GPUs that have it (else fp16), fp32 on
     CPU (no fp16 LayerNorm there, HF modeling_blip_2). Flan-T5 is never fp16 (NaNs, transformers #23918). `quantize`
-    is checked against the device here, before anything loads."""
+    and its `backend` (None: the device's, quantize.backend_for) are checked here, before anything loads."""
     if device == "auto":
         from accelerate import PartialState
 
@@ -50,10 +52,10 @@ def placement(device: str = "auto", dtype: str = "auto", quantize: str = "none",
     if t5 and tower == torch.float16:
         llm = torch.bfloat16 if dev.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float32
         warnings.warn("Flan-T5 does not run in float16 (it overflows): using " + str(llm).replace("torch.", ""))
-    from blip2cli.model.quantize import check
+    from blip2cli.model.quantize import backend_for, check
 
-    check(quantize, dev)
-    return Placement(dev, tower, llm, quantize)
+    check(quantize, dev, backend)
+    return Placement(dev, tower, llm, quantize, backend or backend_for(dev))
 
 
 def _target_dtype(name: str, tensor: Tensor, place: Placement) -> torch.dtype:
