@@ -30,10 +30,13 @@ def test_products_match_nn_linear(shape, bias):
     torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
 
 
-def test_refuses_to_train():
-    layer = packed.PackedLinear(nn.Linear(8, 4))
-    with pytest.raises(RuntimeError, match="inference"):
-        layer(torch.randn(2, 8, requires_grad=True))
+def test_gradients_reach_the_input():
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 4)
+    layer = packed.PackedLinear(linear)
+    x = torch.randn(2, 8, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, linear.weight.detach().sum(0).expand(2, 8))
 
 
 def _reference(model, prefix, prompts, o: GenerationOptions):

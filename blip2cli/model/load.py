@@ -18,7 +18,7 @@ from torch import Tensor
 
 from blip2cli.config import ModelConfig, model_config_from_yaml
 from blip2cli.errors import UsageError
-from blip2cli.model import packed, quantize
+from blip2cli.model import int8_linear, packed, quantize
 from blip2cli.model.blip2 import Blip2
 from blip2cli.model.llm import FrozenLLM
 from blip2cli.model.names import DROPPED, hf_to_ours, lavis_to_ours, split_qkv_biases
@@ -149,6 +149,8 @@ def finish(model: Blip2, place: Placement, name: str, fingerprint: str) -> Blip2
     model.quantize = place.quantize
     if model.llm is not None:  # loaded for inference: decoding may pack the LLM's linears (model/packed.py)
         model.llm.pack_for_decoding = packed.available(place.device)
+        if place.quantize == "int8" and place.device.type == "cpu" and int8_linear.available():
+            int8_linear.convert(model.llm.model)  # int8 x int8 kernels: no backward, so inference only
     # quantized weights give other vectors: an index records it (retrieval/store.py refuses mixing)
     model.name, model.fingerprint = name, fingerprint + ("" if place.quantize == "none" else f":{place.quantize}")
     return model

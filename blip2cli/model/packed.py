@@ -15,13 +15,14 @@ bits, the tokens of the benchmark and the tests do not.
 
 Packing replaces each `nn.Linear` of the LLM by a `PackedLinear` holding the packed copy; the stored weight goes
 (no second copy), except where it is shared (OPT ties its LM head to the input embeddings, which keep theirs).
-It is for inference only: `PackedLinear` has no backward, and only models that `load_model` loads (never the
-ones training builds) allow it (`FrozenLLM.pack_for_decoding`).
+Only models that `load_model` loads (never the ones training builds) allow it (`FrozenLLM.pack_for_decoding`);
+oneDNN's op has no backward, so where a gradient must reach the input the layer takes the plain product.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROW_HINT = 16  # the row count oneDNN lays the weights out for: one layout serves every step of a decode
@@ -47,8 +48,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError("PackedLinear is for inference: it has no backward")
+        if torch.is_grad_enabled() and x.requires_grad:  # no backward through oneDNN's op: the plain product
+            return F.linear(x, self.weight.to_dense(), self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:

@@ -123,7 +123,7 @@ def _bnb_linear(linear: nn.Linear, quantize: str, device: torch.device) -> nn.Mo
 
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes the model's weights take as stored (int8 data and scales of quantized layers)."""
-    total = 0
+    total = sum(getattr(m, "packed_bytes", 0) for m in model.modules())  # int8_linear.Int8Linear's packed values
     for t in list(model.parameters()) + list(model.buffers()):
         total += sum(x.numel() * x.element_size() for x in _plain(t))
     return total
@@ -150,4 +150,4 @@ def describe(model: nn.Module) -> dict[str, int]:
 def is_quantized_module(m: nn.Module) -> bool:
     if type(m) is nn.Linear:
         return hasattr(m.weight, "__tensor_flatten__")  # a torchao tensor subclass
-    return type(m).__name__ in ("Linear8bitLt", "Linear4bit")
+    return type(m).__name__ in ("Linear8bitLt", "Linear4bit", "Int8Linear")  # bitsandbytes; int8_linear.py
