@@ -4,8 +4,8 @@ LLM.int8()'s outlier decomposition.
 `--quantize int8` loads the frozen towers' linear layers as torchao int8 tensors, one layer at a time
 (model/quantize.py); a model loaded for inference (load.finish) then hands each of them to this module, which
 keeps the same int8 values and per-row scales in fbgemm's prepacked layout. A call quantizes the input on the fly
-(uint8, the tensor's min..max; fbgemm's `reduce_range`, 7 bits, so that AVX2's 16-bit pair sums cannot
-saturate) and multiplies in int8 with int32 sums: `torch.ops.quantized.linear_dynamic`. Measured on this 2-core
+(uint8 over the tensor's min..max; 7 bits on CPUs without VNNI, whose 16-bit pair sums could saturate) and
+multiplies in int8 with int32 sums: `torch.ops.quantized.linear_dynamic`. Measured on this 2-core
 Xeon, all decoder linears of the benchmark's OPT-125m-shaped LLM (LM head excluded), one decoding step:
 
     rows                           1       5      40
@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# 7-bit inputs where AVX2's 16-bit pair sums (vpmaddubsw) could saturate; VNNI sums into 32 bits, so 8 bits there
+REDUCE_RANGE = not (hasattr(torch.cpu, "_is_vnni_supported") and torch.cpu._is_vnni_supported())
 THRESHOLD = 6.0  # LLM.int8()'s outlier threshold, as bitsandbytes' Linear8bitLt uses it on CUDA (quantize.py)
 
 
@@ -74,12 +76,13 @@ class Int8Linear(nn.Module):
             return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         dtype = x.dtype
         x = x.to(torch.float32)
+        low, high = torch.aminmax(x)  # one pass: most calls have no outlier at all
+        if max(-float(low), float(high)) <= THRESHOLD:
+            return torch.ops.quantized.linear_dynamic(x, self._packed, REDUCE_RANGE).to(dtype)
         outliers = (x.reshape(-1, self.in_features).abs().amax(dim=0) > THRESHOLD).nonzero().squeeze(1)
-        if outliers.numel() == 0:
-            return torch.ops.quantized.linear_dynamic(x, self._packed, True).to(dtype)
         rest = x.clone()
         rest[..., outliers] = 0
-        y = torch.ops.quantized.linear_dynamic(rest, self._packed, True)
+        y = torch.ops.quantized.linear_dynamic(rest, self._packed, REDUCE_RANGE)
         return (y + x[..., outliers] @ self._outlier_columns(outliers.tolist()).t()).to(dtype)
 
     def dequantized(self) -> Tensor:
