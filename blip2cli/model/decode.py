@@ -14,7 +14,7 @@ only, skips as many generated tokens of a row as its prompt has left padding (it
 attention mask); with the paper's penalty of 1.0 nothing differs.
 
 Beam search keeps transformers' rules (v4.50+ vectorised beam search): the top 2K continuations by accumulated
-log-probability, finished hypotheses scored by sum log p / length ** length_penalty, the "early_stopping=False"
+log-probability (found per beam first, then among the beams' best: the same set), finished hypotheses scored by sum log p / length ** length_penalty, the "early_stopping=False"
 heuristic for stopping, EOS and max-length as stopping criteria. Sampling and unusual generation configs go to
 `generate` itself (see `supported`).
 """
@@ -266,10 +266,7 @@ def beam_search(run: Runner, o: GenerationOptions, eos: Tensor, fill: int, early
             history = torch.cat((history.new_full((rows * K, 1), run.start), history), dim=1)
         logp = F.log_softmax(run.logits, dim=-1)
         logp = block_eos(penalise(logp, history, o.repetition_penalty), eos, step, o.min_new_tokens)
-        V = logp.shape[-1]
-        total = (logp.view(rows, K, V) + b.running_scores[:, :, None]).view(rows, K * V)
-        top_scores, top_idx = total.topk(R, dim=1)
-        parent, token = top_idx // V, top_idx % V
+        top_scores, parent, token = _top_candidates(logp, b.running_scores, R)
         candidates = _gather(b.running, parent)
         candidates[:, :, step] = token
         hits = torch.isin(token, eos) | (step + 1 >= T)  # EOS, or the length limit
@@ -288,6 +285,24 @@ def beam_search(run: Runner, o: GenerationOptions, eos: Tensor, fill: int, early
     n = o.num_return_sequences
     length = int(b.finished_len[:, :n].max())
     return _with_prompt(run, b.finished[:, :n, :length].reshape(rows * n, length))
+
+
+def _top_candidates(logp: Tensor, running_scores: Tensor, R: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The R best (beam, token) continuations of each item by accumulated score: (B, R) scores, parent beams and
+    tokens, best first, as one topk over the item's K x V scores gives them. Done in two stages, each beam's own
+    top R and then the top R of those K x R, which holds the item's top R (one beam contributes at most R of them):
+    the same candidates as topk over K x V (ties aside, whose order topk leaves open either way), in half the
+    time at batch 8 x 5 beams, V = 50k (16 -> 8 ms a step on 2 cores): one long row per item runs on one thread,
+    K rows of V in parallel, and the second stage is tiny."""
+    B, K = running_scores.shape
+    V = logp.shape[-1]
+    if R > V:  # a vocabulary smaller than the candidates kept: one stage
+        top_scores, top_idx = (logp.view(B, K, V) + running_scores[:, :, None]).view(B, K * V).topk(R, dim=1)
+        return top_scores, top_idx // V, top_idx % V
+    beam_scores, beam_tokens = logp.view(B, K, V).topk(R, dim=2)  # (B, K, R), per beam: adding its score keeps order
+    total = (beam_scores + running_scores[:, :, None]).view(B, K * R)
+    top_scores, top_idx = total.topk(R, dim=1)
+    return top_scores, top_idx // R, beam_tokens.view(B, K * R).gather(1, top_idx)
 
 
 def _finish(b: _Beams, candidates: Tensor, scores: Tensor, just: Tensor, step: int, lp: float, early_stopping) -> None:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from blip2cli.config import GenerationOptions
-from blip2cli.model import decode
+from blip2cli.model import decode, packed
 
 
 class FrozenLLM(nn.Module):
@@ -26,6 +26,10 @@ class FrozenLLM(nn.Module):
         self.eos_text = eos_text
         self.max_text_len = max_text_len
         self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+        # inference-only models (load_model) may repack their linear layers for decoding several rows at a time
+        # (model/packed.py); a model that trains never does: packed layers have no backward
+        self.pack_for_decoding = False
+        self.packed = False
         if tokenizer.pad_token_id is None:  # Llama-style tokenizers ship without a pad token
             tokenizer.pad_token = tokenizer.eos_token
         self.requires_grad_(False)
@@ -100,9 +104,16 @@ class FrozenLLM(nn.Module):
             embeds, mask = self.encoder_inputs(prefix, prompts, truncate=False)
         else:
             embeds, mask = self.decoder_inputs(prefix, prompts)
+        self._pack(prefix.shape[0] * max(options.num_beams, options.num_return_sequences))
         if decode.supported(self.model, options):  # our loop: same tokens, less work (see decode.py)
             return decode.decode(self.model, embeds, mask, options, self.eos_token_ids(), self.tokenizer.pad_token_id)
         return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **self._generate_kwargs(options))
+
+    def _pack(self, rows: int) -> None:
+        """Pack the linear layers once, at the first decode of at least two rows (model/packed.py)."""
+        if self.pack_for_decoding and not self.packed and rows >= 2 and packed.available(self.device):
+            packed.pack_linears(self.model)
+            self.packed = True
 
     def generate(self, prefix: Tensor, prompts: Sequence[str], options: GenerationOptions) -> list[list[str]]:
         """Captions or answers: `options.num_return_sequences` texts per prefix row, prompt not included."""

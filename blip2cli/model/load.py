@@ -18,7 +18,7 @@ from torch import Tensor
 
 from blip2cli.config import ModelConfig, model_config_from_yaml
 from blip2cli.errors import UsageError
-from blip2cli.model import quantize
+from blip2cli.model import int8_linear, packed, quantize
 from blip2cli.model.blip2 import Blip2
 from blip2cli.model.llm import FrozenLLM
 from blip2cli.model.names import DROPPED, hf_to_ours, lavis_to_ours, split_qkv_biases
@@ -148,6 +148,10 @@ def finish(model: Blip2, place: Placement, name: str, fingerprint: str) -> Blip2
     model.to(place.device)
     model.eval()
     model.quantize = place.quantize
+    if model.llm is not None:  # loaded for inference: decoding may pack the LLM's linears (model/packed.py)
+        model.llm.pack_for_decoding = packed.available(place.device)
+        if place.quantize == "int8" and place.backend == "torchao" and int8_linear.available():
+            int8_linear.convert(model.llm.model)  # fbgemm int8 x int8 for decoding (CPU; model/int8_linear.py)
     # quantized weights give other vectors: an index records it (retrieval/store.py refuses mixing)
     model.name, model.fingerprint = name, fingerprint + ("" if place.quantize == "none" else f":{place.quantize}")
     return model

@@ -164,7 +164,7 @@ def quantized_bytes(model: nn.Module) -> int:
     """Bytes the model's weights take as stored: int8/int4 data and the scales of quantized layers, each tensor
     once (bitsandbytes keeps the same int8 data under two names after a layer's first matmul)."""
     seen: set[tuple[int, int]] = set()
-    total = 0
+    total = sum(getattr(m, "packed_bytes", 0) for m in model.modules())  # int8_linear.Int8Linear's packed values
     for t in [*model.parameters(), *model.buffers(), *_bnb_state(model)]:
         for x in _plain(t):
             key = (x.untyped_storage().data_ptr(), x.storage_offset()) if x.device.type != "meta" else (id(x), 0)
@@ -212,4 +212,4 @@ def describe(model: nn.Module) -> dict[str, int]:
 def is_quantized_module(m: nn.Module) -> bool:
     if type(m) is nn.Linear:
         return hasattr(m.weight, "__tensor_flatten__")  # a torchao tensor subclass
-    return type(m).__name__ in ("Linear8bitLt", "Linear4bit")
+    return type(m).__name__ in ("Linear8bitLt", "Linear4bit", "Int8Linear")  # bitsandbytes; int8_linear.py

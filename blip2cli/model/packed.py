@@ -1,0 +1,74 @@
+"""The frozen LLM's linear layers in oneDNN's packed weight layout, for decoding on a CPU.
+
+A decoding step multiplies a handful of rows (batch x beams) by every weight matrix of the LLM. Stored as
+nn.Linear keeps them (out, in), MKL's GEMM re-reads each matrix in cache-unfriendly order for such thin inputs;
+oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) is laid out for them. Measured per decoding
+step of the benchmark's OPT-125m-shaped LLM (all linears and the LM head, fp32, 2 cores, best of 6):
+
+    rows          1      5      8     40
+    as stored   34.6   61.9   82.0  111.9  ms
+    packed      39.3   42.9   47.5   90.4  ms
+
+so decoding with at least two rows (beam search, a batch of greedy captions, several samples) packs, and one
+row keeps the stored layout. The products are the same sums in another order: fp32 rounding differs in the last
+bits, the tokens of the benchmark and the tests do not.
+
+Packing replaces each `nn.Linear` of the LLM by a `PackedLinear` holding the packed copy; the stored weight goes
+(no second copy), except where it is shared (OPT ties its LM head to the input embeddings, which keep theirs).
+Only models that `load_model` loads (never the ones training builds) allow it (`FrozenLLM.pack_for_decoding`);
+oneDNN's op has no backward, so where a gradient must reach the input the layer takes the plain product.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROW_HINT = 16  # the row count oneDNN lays the weights out for: one layout serves every step of a decode
+
+
+def available(device: torch.device) -> bool:
+    """oneDNN packing exists in this torch build and the model runs on its CPU."""
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class PackedLinear(nn.Module):
+    """`linear`'s product, y = x W^T + b, from W in oneDNN's blocked layout. Inference only."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), ROW_HINT)
+        # `weight` as transformers reads it (T5 checks `wo.weight.dtype`): same shape and dtype, oneDNN's layout
+        self.register_buffer("weight", packed, persistent=False)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # no backward through oneDNN's op: the plain product
+            return F.linear(x, self.weight.to_dense(), self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def packable(module: nn.Module) -> bool:
+    """A plain fp32 nn.Linear (quantized layers, whose weights are tensor subclasses, keep their own kernels)."""
+    return (type(module) is nn.Linear and type(module.weight) is nn.Parameter
+            and module.weight.dtype == torch.float32 and not module.weight.is_meta)
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace every packable nn.Linear under `model` by a PackedLinear, one at a time (peak memory: one layer's
+    extra copy); returns how many."""
+    targets = [(name, m) for name, m in model.named_modules() if packable(m)]
+    modules = dict(model.named_modules())
+    for name, linear in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, PackedLinear(linear))
+    return len(targets)
+
