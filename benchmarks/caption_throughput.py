@@ -24,10 +24,13 @@ algorithm would change the tokens.)
 
     .venv/bin/python benchmarks/caption_throughput.py --repeats 3
 
-With --quantize int8 (issue #15) it measures instead ours with int8 frozen towers (torchao; model/quantize.py)
-against ours fp32 and transformers fp32, alternating the three in the same run (no e2e column, no floor), and
-beside each speed the fidelity against ours fp32: next-token top-1 agreement over teacher-forced caption tokens
-(each image's fp32 greedy caption fed to both models) and the share of identical captions.
+With --quantize int8 (issue #15) it measures instead ours with int8 frozen towers (model/quantize.py,
+model/int8_linear.py) against ours fp32 and transformers fp32, alternating the three in the same run (no e2e
+column), and beside each speed the fidelity against ours fp32: next-token top-1 agreement over teacher-forced
+caption tokens (each image's fp32 greedy caption fed to both models) and the share of identical captions. Its
+floor is the int8 model's: its image encoder, Q-Former and prompt pass, then per step its int8 layers and its
+fp32 LM head alone; `floor/hf` is the most any implementation with these precisions could gain over transformers'
+fp32 here.
 
     .venv/bin/python benchmarks/caption_throughput.py --quantize int8 --repeats 2
 """
@@ -183,6 +186,35 @@ def top1_agreement(ref, other, pixels: torch.Tensor, captions: list[torch.Tensor
     return same / max(total, 1)
 
 
+def quantized_floor_s(quant, pixels: torch.Tensor, bs: int, beams: int, new_tokens: int) -> float:
+    """Seconds for all images at the quantized model's floor, as `floor_s` for fp32: its image encoder, Q-Former
+    and prompt pass per batch, then per decoding step its LLM's int8 layers (as they are, module call included)
+    and its fp32 LM head (the faster of the stored and the oneDNN-packed layout) alone on that step's rows."""
+    import torch.nn.functional as F
+
+    from blip2cli.model.int8_linear import Int8Linear
+
+    lm = quant.llm.model
+    embeds = quant.vision_embeds(pixels[:bs])
+    prefix = quant.llm_prefix(embeds)
+    inputs, mask = quant.llm.decoder_inputs(prefix, [""] * bs)
+    parts = (lambda: quant.vision_embeds(pixels[:bs]), lambda: quant.llm_prefix(embeds),
+             lambda: lm(inputs_embeds=inputs, attention_mask=mask, logits_to_keep=1))
+    fixed = sum(min(clock(fn) for _ in range(2)) for fn in parts)
+    rows = bs * beams
+    layers = [m for m in lm.modules() if isinstance(m, Int8Linear)]
+    inputs_ = [torch.randn(rows, m.in_features) for m in layers]
+    int8_s = min(clock(lambda: [m(x) for m, x in zip(layers, inputs_)]) for _ in range(3))
+    head = lm.get_output_embeddings()
+    weight = head.weight.to_dense() if head.weight.is_mkldnn else head.weight
+    x = torch.randn(rows, weight.shape[1])
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+    head_s = min(min(clock(lambda: F.linear(x, weight)) for _ in range(3)),
+                 min(clock(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+                     for _ in range(3)))
+    return (fixed + (new_tokens - 1) * (int8_s + head_s)) * (len(pixels) / bs)
+
+
 def quantized_table(ours, hf, quant, pixels: torch.Tensor, prompt_ids: list[int], args, t0: float) -> None:
     from blip2cli.config import GenerationOptions
     from blip2cli.model.quantize import quantized_bytes
@@ -198,7 +230,8 @@ def quantized_table(ours, hf, quant, pixels: torch.Tensor, prompt_ids: list[int]
         return row[: ends[0] + 1] if ends else row
 
     print(f"\n{'decoding':<8} {'batch':>5} {'ours fp32':>10} {'hf fp32':>8} {'ours ' + args.quantize:>10} "
-          f"{'int8/hf':>8} {'int8/fp32':>9} {'fp32=hf':>8} {'same captions':>14} {'load':>5}")  # fmt: skip
+          f"{'int8/hf':>8} {'int8/fp32':>9} {'fp32=hf':>8} {'same captions':>14} {'floor':>6} {'int8/floor':>10} "
+          f"{'floor/hf':>8} {'load':>5}")  # fmt: skip
     agreement = None
     with torch.inference_mode():
         for name, beams in (("greedy", 1), ("beam-5", 5)):
@@ -217,13 +250,16 @@ def quantized_table(ours, hf, quant, pixels: torch.Tensor, prompt_ids: list[int]
                         t = time.perf_counter()
                         outputs[key] = [row for i in range(0, n, bs) for row in fn(pixels[i : i + bs])]
                         runs[key].append(time.perf_counter() - t)
+                    runs.setdefault("floor", []).append(quantized_floor_s(quant, pixels, bs, beams,
+                                                                          args.max_new_tokens))
                 rate = {k: n / statistics.median(v) for k, v in runs.items()}
                 fp32_hf = all(torch.equal(trimmed(a), trimmed(b)) for a, b in zip(outputs["fp32"], outputs["hf"]))
                 same = sum(torch.equal(trimmed(a), trimmed(b)) for a, b in zip(outputs["fp32"], outputs["quant"]))
                 print(f"{name:<8} {bs:>5} {rate['fp32']:>10.2f} {rate['hf']:>8.2f} {rate['quant']:>10.2f} "
                       f"{rate['quant'] / rate['hf']:>7.2f}x {rate['quant'] / rate['fp32']:>8.2f}x "
-                      f"{'yes' if fp32_hf else 'DIFFER':>8} {same:>6}/{n:<7} {os.getloadavg()[0]:>5.1f}",
-                      flush=True)  # fmt: skip
+                      f"{'yes' if fp32_hf else 'DIFFER':>8} {same:>6}/{n:<7} {rate['floor']:>6.2f} "
+                      f"{rate['quant'] / rate['floor']:>9.2f}x {rate['floor'] / rate['hf']:>7.2f}x "
+                      f"{os.getloadavg()[0]:>5.1f}", flush=True)  # fmt: skip
                 if beams == 1 and bs == 1:
                     agreement = top1_agreement(ours, quant, pixels, [trimmed(r) for r in outputs["fp32"]])
     print(f"\nfidelity ({args.quantize} against fp32, {n} images): next-token top-1 agreement {100 * agreement:.1f}% "

@@ -82,14 +82,13 @@ def test_gradients_reach_the_input():
 def test_load_converts_the_llm_and_keeps_the_rest(tiny_opt_dir):
     model = load_model(str(tiny_opt_dir), "cpu", "float32", quantize="int8")
     fast = {n for n, m in model.named_modules() if isinstance(m, int8_linear.Int8Linear)}
-    assert fast and all(n.startswith("llm.model.") for n in fast)
+    assert any(n.startswith("llm.model.") for n in fast) and any(n.startswith("vision.tower.") for n in fast)
     modules = dict(model.named_modules())
+    assert fast == {n for n, m in modules.items() if Q.is_quantized_module(m)}  # no torchao layer left
     assert type(modules["llm.model.lm_head"]) is nn.Linear  # every logit in fp32
-    vit = [m for n, m in modules.items() if n.startswith("vision.tower.") and Q.is_quantized_module(m)]
-    assert vit and all(type(m) is nn.Linear for m in vit)  # torchao int8 x int8, many rows per image
-    assert all(Q.is_quantized_module(modules[n]) for n in fast)
     fp32 = load_model(str(tiny_opt_dir), "cpu", "float32")
-    saved = sum(3 * modules[n].in_features * modules[n].out_features - 4 * modules[n].out_features for n in fast)
+    saved = sum(3 * modules[n].in_features * modules[n].out_features - 4 * modules[n].out_features for n in fast
+                if n.startswith("llm."))
     assert Q.quantized_bytes(model.llm.model) == Q.quantized_bytes(fp32.llm.model) - saved  # int8 + fp32 row scales
     with torch.inference_mode():
         for beams in (1, 3):

@@ -63,6 +63,9 @@ def test_beam_search_packs_and_keeps_generates_tokens(fixture, request):
             have = model.llm.generate_tokens(prefix, prompts, o)
             assert have.tolist() == want.tolist(), o
     assert model.llm.packed and not plain.llm.packed
+    have_state, want_state = model.llm.model.state_dict(), plain.llm.model.state_dict()
+    assert have_state.keys() == want_state.keys()  # export_hf after a beam search writes every weight
+    assert all(torch.equal(have_state[k], want_state[k]) for k in want_state)
     layers = list(model.llm.model.modules())
     assert any(isinstance(m, packed.PackedLinear) for m in layers)
     assert not any(type(m) is nn.Linear for m in layers)

@@ -2,17 +2,22 @@
 LLM.int8()'s outlier decomposition.
 
 `--quantize int8` loads the frozen towers' linear layers as torchao int8 tensors, one layer at a time
-(model/quantize.py); a model loaded for inference (load.finish) then hands each of them to this module, which
-keeps the same int8 values and per-row scales in fbgemm's prepacked layout. A call quantizes the input on the fly
-(uint8 over the tensor's min..max; 7 bits on CPUs without VNNI, whose 16-bit pair sums could saturate) and
-multiplies in int8 with int32 sums: `torch.ops.quantized.linear_dynamic`. Measured on this 2-core
-Xeon, all decoder linears of the benchmark's OPT-125m-shaped LLM (LM head excluded), one decoding step:
+(model/quantize.py); a model loaded for inference (load.finish) then hands each of them, ViT's and LLM's, to
+this module, which keeps the same int8 values and per-row scales in fbgemm's prepacked layout only. A call
+quantizes the input on the fly (uint8 over the tensor's min..max; 7 bits on CPUs without VNNI, whose 16-bit
+pair sums could saturate) and multiplies in int8 with int32 sums: `torch.ops.quantized.linear_dynamic`.
+Measured on this 2-core Xeon, the decoder linears of the benchmark's OPT-125m-shaped LLM (LM head excluded),
+one decoding step, ms:
 
     rows                           1       5      40
-    fp32 (nn.Linear)            21.7    34.5    64.9  ms
-    torchao int8 weight-only    36.0    36.2    92.6  ms   (dequantizes, then an fp32 product)
-    torchao int8 x int8         50.4    34.4    52.9  ms
-    fbgemm int8 x int8           9.4     9.5    20.3  ms
+    fp32 (nn.Linear)            21.7    34.5    64.9
+    torchao int8 weight-only    36.0    36.2    92.6   (dequantizes, then an fp32 product)
+    torchao int8 x int8         50.4    34.4    52.9
+    fbgemm int8 x int8           9.4     9.5    20.3
+
+and at the ViT's 257 rows per image 2x fp32 (oneDNN's int8 engine, through the same op, lost at 1-40 rows).
+PyTorch 2.14 deprecates its quantized tensors, which this op takes; where the op is gone (`available`), the
+torchao layers stay.
 
 Outliers: a few hidden features of OPT's residual stream grow far beyond the rest (LLM.int8(), Dettmers et al.
 2022), and one input scale for the whole tensor would flatten every other feature. As LLM.int8() does, the input
@@ -38,7 +43,9 @@ THRESHOLD = 6.0  # LLM.int8()'s outlier threshold, as bitsandbytes' Linear8bitLt
 
 
 def available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines or "x86" in torch.backends.quantized.supported_engines
+    """fbgemm's kernels are in this torch (x86 builds)."""
+    engines = torch.backends.quantized.supported_engines
+    return ("fbgemm" in engines or "x86" in engines) and hasattr(torch.ops.quantized, "linear_dynamic")
 
 
 class Int8Linear(nn.Module):

@@ -150,8 +150,8 @@ def finish(model: Blip2, place: Placement, name: str, fingerprint: str) -> Blip2
     model.quantize = place.quantize
     if model.llm is not None:  # loaded for inference: decoding may pack the LLM's linears (model/packed.py)
         model.llm.pack_for_decoding = packed.available(place.device)
-        if place.quantize == "int8" and place.backend == "torchao" and int8_linear.available():
-            int8_linear.convert(model.llm.model)  # fbgemm int8 x int8 for decoding (CPU; model/int8_linear.py)
+    if place.quantize == "int8" and place.backend == "torchao" and int8_linear.available():
+        int8_linear.convert(model)  # the towers' int8 layers: fbgemm's int8 x int8 product (model/int8_linear.py)
     # quantized weights give other vectors: an index records it (retrieval/store.py refuses mixing)
     model.name, model.fingerprint = name, fingerprint + ("" if place.quantize == "none" else f":{place.quantize}")
     return model

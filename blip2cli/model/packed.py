@@ -52,6 +52,12 @@ class PackedLinear(nn.Module):
             return F.linear(x, self.weight.to_dense(), self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """As nn.Linear's: `weight` in the stored layout and `bias` (export_hf after a beam search)."""
+        destination[prefix + "weight"] = self.weight.to_dense()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
