@@ -259,12 +259,12 @@ def beam_search(run: Runner, o: GenerationOptions, eos: Tensor, fill: int, early
     top_k_mask = torch.arange(R, device=run.logits.device) < K
     run.repeat(K)
     b = _Beams.start(rows, K, T, fill, run.logits.device)
-    offsets = torch.arange(rows, device=run.logits.device)[:, None] * K
+    slots = _Slots(rows, K, run.logits.device)
     for step in range(T):
         history = b.running[:, :, :step].reshape(rows * K, step)
         if run.prompt_len:
             history = torch.cat((history.new_full((rows * K, 1), run.start), history), dim=1)
-        logp = F.log_softmax(run.logits, dim=-1)
+        logp = F.log_softmax(slots.logical(run.logits), dim=-1)
         logp = block_eos(penalise(logp, history, o.repetition_penalty), eos, step, o.min_new_tokens)
         top_scores, parent, token = _top_candidates(logp, b.running_scores, R)
         candidates = _gather(b.running, parent)
@@ -276,15 +276,67 @@ def beam_search(run: Runner, o: GenerationOptions, eos: Tensor, fill: int, early
         b.running, b.running_scores = _gather(candidates, keep), _gather(alive, keep)
         beam_parent = _gather(parent, keep)
         _finish(b, candidates, top_scores, hits & top_k_mask, step, lp, early_stopping)
-        run.reorder((beam_parent + offsets).reshape(-1))
+        run.reorder(slots.follow(beam_parent))
         b.open &= _can_improve(b, step + 1, T, lp, early_stopping)
         exists_open = not (bool(b.is_finished.all()) and early_stopping is True)
         if not (bool(b.open.any()) and exists_open and not bool(hits.all())):
             break
-        run.step(b.running[:, :, step].reshape(-1))
+        run.step(slots.physical(b.running[:, :, step]))
     n = o.num_return_sequences
     length = int(b.finished_len[:, :n].max())
     return _with_prompt(run, b.finished[:, :n, :length].reshape(rows * n, length))
+
+
+class _Slots:
+    """Which row of the runner (its KV cache) holds each beam. Beams are ranked by score (beam j of an item is its
+    j-th best), as transformers keeps them, but they need not sit in rank order in the cache: a beam continues in
+    its parent's row, and only a parent's second and later children take a copy of its cache, into the rows of
+    beams that left no child. Most beams continue one beam of the step before, so few rows are copied, where
+    keeping the rows in rank order moves nearly all of them each step. The logits come back in rank order
+    (`logical`), the tokens go in row order (`physical`): the same numbers in the same order, the same tokens."""
+
+    def __init__(self, items: int, K: int, device) -> None:
+        self.K = K
+        self.slot = torch.arange(K, device=device).repeat(items, 1)  # (items, K): row within the item of beam j
+        self.identity = True
+
+    def logical(self, logits: Tensor) -> Tensor:
+        """(items * K, V) in row order -> in rank order."""
+        if self.identity:
+            return logits
+        return logits[self._rows()]
+
+    def physical(self, tokens: Tensor) -> Tensor:
+        """(items, K) in rank order -> (items * K,) in row order."""
+        if self.identity:
+            return tokens.reshape(-1)
+        return torch.empty_like(tokens).scatter_(1, self.slot, tokens).reshape(-1)
+
+    def _rows(self) -> Tensor:
+        return (self.slot + torch.arange(len(self.slot), device=self.slot.device)[:, None] * self.K).reshape(-1)
+
+    def follow(self, parents: Tensor) -> Tensor:
+        """New beams (items, K) whose parents are the given ranks: place each, and return for each cache row the
+        row it continues (itself for most)."""
+        parent_slot = torch.take_along_dim(self.slot, parents, dim=1).tolist()
+        rows = list(range(len(parent_slot) * self.K))
+        slots = []
+        for item, parent_rows in enumerate(parent_slot):
+            mine: list[int | None] = [None] * self.K
+            taken: set[int] = set()
+            for j, p in enumerate(parent_rows):  # a parent's first child (best ranked) stays in its row
+                if p not in taken:
+                    taken.add(p)
+                    mine[j] = p
+            free = iter(r for r in range(self.K) if r not in taken)
+            for j, p in enumerate(parent_rows):  # its later children go to rows whose beam left no child
+                if mine[j] is None:
+                    mine[j] = next(free)
+                    rows[item * self.K + mine[j]] = item * self.K + p
+            slots.append(mine)
+        self.slot = torch.tensor(slots, device=self.slot.device)
+        self.identity = self.identity and slots == [list(range(self.K))] * len(slots)
+        return torch.tensor(rows, device=self.slot.device)
 
 
 def _top_candidates(logp: Tensor, running_scores: Tensor, R: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -125,16 +125,14 @@ def from_torchao(linear: nn.Linear) -> Int8Linear | None:
 
 
 def convert(model: nn.Module) -> int:
-    """Replace each torchao int8 linear under `model` by an Int8Linear, one at a time; returns how many."""
-    modules = dict(model.named_modules())
+    """Replace each torchao int8 linear under `model` by an Int8Linear, one at a time (the torchao layer goes as
+    soon as its replacement exists); returns how many."""
     done = 0
-    for name, module in list(modules.items()):
-        if type(module) is not nn.Linear:
-            continue
-        fast = from_torchao(module)
-        if fast is None:
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, fast)
-        done += 1
+    for name in [n for n, m in model.named_modules() if type(m) is nn.Linear]:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        fast = from_torchao(getattr(parent, child))
+        if fast is not None:
+            setattr(parent, child, fast)
+            done += 1
     return done

@@ -8,8 +8,8 @@ whole cache again for the surviving beams: two copies of every cached position p
 - after `batch_repeat_interleave(k)` the positions cached so far (queries and prompt) are the same in the k
   beams of an item, and a beam's parent is always a beam of the same item, so `reorder_beams` moves only the
   positions written since: the generated tokens, not the 32 queries and the prompt (T5: not the encoder's
-  cross-attention keys at all), and only for the beams whose parent is another beam (most beams continue
-  themselves);
+  cross-attention keys at all), and only for the rows whose beam's parent sat in another row (decode.py keeps
+  most beams in their parent's row);
 - `batch_repeat_interleave` also puts all layers' buffers in one tensor, so that a reorder is one gather and one
   copy for the whole cache rather than two per layer and tensor: on a shared CPU each small op costs a thread
   wake-up, whatever its size.
@@ -26,9 +26,16 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 
-def _moved(beam_idx: Tensor) -> Tensor:
-    """The rows whose parent is another row: a beam that continues itself keeps its cache where it is."""
-    return (beam_idx != torch.arange(len(beam_idx), device=beam_idx.device)).nonzero().squeeze(1)
+def _copy_rows(tail: Tensor, dim: int, beam_idx: Tensor) -> None:
+    """Row i of `tail` (along `dim`) takes row beam_idx[i]; only the rows whose parent is another row are written
+    (decode.py places beams so that most continue in their own row). Row by row: a slice copy per row runs at
+    memory speed where one gather and index_put over a strided view ran 2-3x slower; sources are read first."""
+    moved = (beam_idx != torch.arange(len(beam_idx), device=beam_idx.device)).nonzero().squeeze(1).tolist()
+    if not moved:
+        return
+    sources = [tail.select(dim, int(beam_idx[i])).clone() for i in moved]
+    for i, rows in zip(moved, sources):
+        tail.select(dim, i).copy_(rows)
 
 
 class BufferedLayer(DynamicLayer):
@@ -85,10 +92,8 @@ class BufferedLayer(DynamicLayer):
     def reorder_beams(self, beam_idx: Tensor) -> None:
         """Row i takes row beam_idx[i]'s cache, beam_idx[i] being a beam of the same item as i."""
         if self.length > self.shared:
-            moved = _moved(beam_idx)
             for buffer in (self._keys, self._values):
-                tail = buffer[:, :, self.shared : self.length]
-                tail[moved] = tail[beam_idx[moved]]
+                _copy_rows(buffer[:, :, self.shared : self.length], 0, beam_idx)
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -139,9 +144,7 @@ class BufferedCache(DynamicCache):
             return
         shared, length = self.layers[0].shared, self.layers[0].length
         if length > shared:
-            moved = _moved(beam_idx)
-            tail = self.merged[:, :, :, :, shared:length]
-            tail[:, :, moved] = tail[:, :, beam_idx[moved]]
+            _copy_rows(self.merged[:, :, :, :, shared:length], 2, beam_idx)
 
     def batch_select_indices(self, indices: Tensor) -> None:
         self.merged = None  # the layers gather their own buffers again

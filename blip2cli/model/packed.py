@@ -69,12 +69,11 @@ def packable(module: nn.Module) -> bool:
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every packable nn.Linear under `model` by a PackedLinear, one at a time (peak memory: one layer's
-    extra copy); returns how many."""
-    targets = [(name, m) for name, m in model.named_modules() if packable(m)]
-    modules = dict(model.named_modules())
-    for name, linear in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, PackedLinear(linear))
-    return len(targets)
-
+    """Replace every packable nn.Linear under `model` by a PackedLinear, one at a time: each stored weight goes as
+    soon as its packed copy exists (peak: one layer's extra copy); returns how many."""
+    names = [name for name, m in model.named_modules() if packable(m)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, PackedLinear(getattr(parent, child)))
+    return len(names)
