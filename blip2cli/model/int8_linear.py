@@ -1,11 +1,11 @@
 """int8 x int8 linear layers for inference on a CPU: PyTorch's dynamic quantized linear (fbgemm), with
 LLM.int8()'s outlier decomposition.
 
-`--quantize int8` loads the frozen towers' linear layers as torchao int8 tensors, one layer at a time
-(model/quantize.py); a model loaded for inference (load.finish) then hands each of them, ViT's and LLM's, to
-this module, which keeps the same int8 values and per-row scales in fbgemm's prepacked layout only. A call
-quantizes the input on the fly (uint8 over the tensor's min..max; 7 bits on CPUs without VNNI, whose 16-bit
-pair sums could saturate) and multiplies in int8 with int32 sums: `torch.ops.quantized.linear_dynamic`.
+A model loaded to run (`load_model`, load.fill) takes its frozen towers' int8 layers, ViT's and LLM's, from
+here: each weight is quantized as it streams from the checkpoint (symmetric int8, one scale per output row) and
+packed at once into fbgemm's layout, which alone holds it. A call quantizes the input on the fly (uint8 over the
+tensor's min..max; 7 bits on CPUs without VNNI, whose 16-bit pair sums could saturate) and multiplies in int8
+with int32 sums: `torch.ops.quantized.linear_dynamic`.
 Measured on this 2-core Xeon, the decoder linears of the benchmark's OPT-125m-shaped LLM (LM head excluded),
 one decoding step, ms:
 
@@ -25,13 +25,14 @@ features with any |x| > 6.0 are multiplied apart, in fp32, by the dequantized co
 rest goes through int8. With no such feature (one max over the input finds out) it costs nothing more.
 
 fbgemm's kernels have no backward: where a gradient must reach the input (stage 2 against a model that
-load_model loaded), the layer multiplies by its dequantized W instead, unpacked for that call. Training built by
-`blip2 pretrain` keeps torchao's weight-only layers (load.finish alone converts).
+load_model loaded), the layer multiplies by its dequantized W instead, unpacked for that call. Models built to
+train (`blip2 pretrain`, `finetune`) take torchao's weight-only layers (model/quantize.py).
 """
 
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,18 @@ THRESHOLD = 6.0  # LLM.int8()'s outlier threshold, as bitsandbytes' Linear8bitLt
 
 def available() -> bool:
     """fbgemm's kernels are in this torch (x86 builds)."""
-    engines = torch.backends.quantized.supported_engines
-    return ("fbgemm" in engines or "x86" in engines) and hasattr(torch.ops.quantized, "linear_dynamic")
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+@contextmanager
+def _engine(name: str):
+    """PyTorch picks the packed form by its process-wide quantized engine: this one, for one prepack."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
 
 
 class Int8Linear(nn.Module):
@@ -57,14 +68,17 @@ class Int8Linear(nn.Module):
     def __init__(self, qdata: Tensor, scale: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = qdata.shape
-        scale = scale.reshape(-1).to(torch.float32)
-        self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32), persistent=False)
-        with warnings.catch_warnings():  # torch 2.14 deprecates quantized tensors; the op is still PyTorch's own
+        self.register_buffer("scale", scale.reshape(-1).to(torch.float32), persistent=False)
+        # the checkpoint's bias, which load.fill may assign after the weight was packed: added after the product
+        # rather than packed with it, so that each layer is packed as it loads (packing torchao's layers once all
+        # had loaded left their memory resident: 1.66x the int8 ViT-g's size after loading, against 1.07x)
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=True)
+        with warnings.catch_warnings():  # torch 2.14 deprecates quantized tensors; the op is PyTorch's own
             warnings.simplefilter("ignore", UserWarning)
-            weight = torch._make_per_channel_quantized_tensor(qdata.contiguous(), scale.double(),
-                                                              torch.zeros_like(scale, dtype=torch.long), 0)
-        self._packed = torch.ops.quantized.linear_prepack(weight, self.bias)
+            weight = torch._make_per_channel_quantized_tensor(
+                qdata.contiguous(), self.scale.double(), torch.zeros_like(self.scale, dtype=torch.long), 0)
+        with _engine("fbgemm"):  # not "x86": on VNNI CPUs it packs for oneDNN and keeps a second copy for unpacking
+            self._packed = torch.ops.quantized.linear_prepack(weight, None)
         self._columns: dict[int, Tensor] = {}  # outlier feature -> W[:, feature] in fp32
 
     @property
@@ -85,12 +99,16 @@ class Int8Linear(nn.Module):
         x = x.to(torch.float32)
         low, high = torch.aminmax(x)  # one pass: most calls have no outlier at all
         if max(-float(low), float(high)) <= THRESHOLD:
-            return torch.ops.quantized.linear_dynamic(x, self._packed, REDUCE_RANGE).to(dtype)
-        outliers = (x.reshape(-1, self.in_features).abs().amax(dim=0) > THRESHOLD).nonzero().squeeze(1)
-        rest = x.clone()
-        rest[..., outliers] = 0
-        y = torch.ops.quantized.linear_dynamic(rest, self._packed, REDUCE_RANGE)
-        return (y + x[..., outliers] @ self._outlier_columns(outliers.tolist()).t()).to(dtype)
+            y = torch.ops.quantized.linear_dynamic(x, self._packed, REDUCE_RANGE)
+        else:
+            outliers = (x.reshape(-1, self.in_features).abs().amax(dim=0) > THRESHOLD).nonzero().squeeze(1)
+            rest = x.clone()
+            rest[..., outliers] = 0
+            y = torch.ops.quantized.linear_dynamic(rest, self._packed, REDUCE_RANGE)
+            y += x[..., outliers] @ self._outlier_columns(outliers.tolist()).t()
+        if self.bias is not None:
+            y += self.bias
+        return y.to(dtype)
 
     def dequantized(self) -> Tensor:
         """W in fp32 (out, in), unpacked for this call only."""
@@ -112,27 +130,13 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def from_torchao(linear: nn.Linear) -> Int8Linear | None:
-    """The Int8Linear with `linear`'s int8 values and scales, if `linear` holds a symmetric per-row torchao int8
-    weight; else None (bitsandbytes layers, other granularities)."""
-    w = linear.weight
-    if not hasattr(w, "__tensor_flatten__") or type(w).__name__ != "Int8Tensor":
-        return None
-    qdata, scale, zero = w.qdata, w.scale, getattr(w, "zero_point", None)
-    if qdata.dim() != 2 or scale.numel() != qdata.shape[0] or (zero is not None and bool(zero.any())):
-        return None
-    return Int8Linear(qdata, scale, linear.bias)
-
-
-def convert(model: nn.Module) -> int:
-    """Replace each torchao int8 linear under `model` by an Int8Linear, one at a time (the torchao layer goes as
-    soon as its replacement exists); returns how many."""
-    done = 0
-    for name in [n for n, m in model.named_modules() if type(m) is nn.Linear]:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        fast = from_torchao(getattr(parent, child))
-        if fast is not None:
-            setattr(parent, child, fast)
-            done += 1
-    return done
+def from_weight(weight: Tensor, bias: Tensor | None) -> Int8Linear:
+    """The Int8Linear of an fp32 weight (out, in): symmetric int8 values, one scale per output row (max |w| / 127,
+    as torchao's int8 layers; model/quantize.py)."""
+    weight = weight.detach().to(torch.float32)
+    scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        qdata = torch.quantize_per_channel(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0,
+                                           torch.qint8).int_repr()
+    return Int8Linear(qdata, scale, bias)

@@ -93,7 +93,8 @@ def fill(model: Blip2, tensors: Iterable[tuple[str, Tensor]], place: Placement, 
     model.qformer.tie_weights()
     if model.llm is not None:
         model.llm.model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(tuple(allow_missing))]
+    missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()]
+               if p.is_meta and not n.startswith(tuple(allow_missing))]  # buffers: int8_linear's biases
     if missing:
         raise UsageError(f"{source}: missing weights: {_few(missing)}")
     return list(state) + quantized
@@ -110,6 +111,11 @@ def _quantize_weight(model: Blip2, modules: dict[str, torch.nn.Module], name: st
     if not owner.startswith(quantize.frozen_prefixes(model.cfg.vision.freeze)):
         return False
     parent, _, child = owner.rpartition(".")
+    if place.inference and place.quantize == "int8" and place.backend == "torchao" and int8_linear.available():
+        # a model loaded to run: int8 values straight into fbgemm's int8 x int8 product (model/int8_linear.py)
+        modules[owner] = int8_linear.from_weight(value, module.bias)  # a meta bias: load_state_dict assigns it
+        setattr(modules[parent], child, modules[owner])
+        return True
     module.weight = torch.nn.Parameter(value, requires_grad=False)
     int8_compute = owner.startswith("vision.tower.")  # many rows per matmul, never a gradient through it
     quantize.quantize_linear(modules[parent], child, module, place.quantize, place.device, int8_compute,
@@ -150,8 +156,6 @@ def finish(model: Blip2, place: Placement, name: str, fingerprint: str) -> Blip2
     model.quantize = place.quantize
     if model.llm is not None:  # loaded for inference: decoding may pack the LLM's linears (model/packed.py)
         model.llm.pack_for_decoding = packed.available(place.device)
-    if place.quantize == "int8" and place.backend == "torchao" and int8_linear.available():
-        int8_linear.convert(model)  # the towers' int8 layers: fbgemm's int8 x int8 product (model/int8_linear.py)
     # quantized weights give other vectors: an index records it (retrieval/store.py refuses mixing)
     model.name, model.fingerprint = name, fingerprint + ("" if place.quantize == "none" else f":{place.quantize}")
     return model
@@ -381,7 +385,7 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", *, 
     downloaded at `revision` (branch, tag or commit; default main) into `cache_dir` (default: the standard
     Hugging Face cache, HF_HUB_CACHE or HF_HOME/hub), as `hf download --revision --cache-dir` does."""
     path = Path(name_or_path).expanduser()
-    args = (device, dtype, quantize, backend)
+    args = (device, dtype, quantize, backend, True)  # placement(..., inference=True)
     if revision is not None and (path.exists() or not looks_like_hub_id(name_or_path)):
         raise UsageError(f"--revision {revision}: {name_or_path} is not a hub id (a revision picks a hub commit)")
     if path.is_dir():

@@ -19,11 +19,12 @@ class Placement:
     llm: torch.dtype  # frozen language model
     quantize: str = "none"  # none|int8|int4: the frozen towers' linear layers (model/quantize.py)
     backend: str | None = None  # torchao|bitsandbytes: what quantizes them; None: quantize.backend_for(device)
+    inference: bool = False  # loaded to run, not to train: CPU int8 layers take int8 x int8 kernels (int8_linear.py)
     # The Q-Former, query tokens, ln_vision and projections always stay fp32 (HF modeling_blip_2).
 
 
 def placement(device: str = "auto", dtype: str = "auto", quantize: str = "none", backend: str | None = None,
-              t5: bool = False) -> Placement:
+              inference: bool = False, t5: bool = False) -> Placement:
     """Accelerate picks the device for "auto". Frozen towers: bf16 on GPUs that have it (else fp16), fp32 on
     CPU (no fp16 LayerNorm there, HF modeling_blip_2). Flan-T5 is never fp16 (NaNs, transformers #23918). `quantize`
     and its `backend` (None: the device's, quantize.backend_for) are checked here, before anything loads."""
@@ -55,7 +56,7 @@ def placement(device: str = "auto", dtype: str = "auto", quantize: str = "none",
     from blip2cli.model.quantize import backend_for, check
 
     check(quantize, dev, backend)
-    return Placement(dev, tower, llm, quantize, backend or backend_for(dev))
+    return Placement(dev, tower, llm, quantize, backend or backend_for(dev), inference)
 
 
 def _target_dtype(name: str, tensor: Tensor, place: Placement) -> torch.dtype:

@@ -5,14 +5,13 @@ streams from the checkpoint (load.fill). Full precision stays where BLIP-2 needs
 `ln_vision` and the projections (never under `vision.tower.` / `llm.model.`), the LM head (every logit), and
 Flan-T5's `wo` feed-forward outputs (they overflow in low precision; transformers keeps them fp32 too).
 
-CPU (int8 only): torchao quantizes each layer as it loads (symmetric int8 weights, one scale per output row);
-  ViT layers int8 x int8 (activations quantized per row), LLM layers weight-only (dequantized inside an fp32
-  product), through which stage 2's gradients reach the Q-Former. A model loaded for inference (load.finish)
-  then moves the same int8 values and scales into PyTorch's dynamic quantized linear (fbgemm, int8 x int8 with
-  LLM.int8()'s outlier decomposition; model/int8_linear.py): 2.3-3.6x faster than fp32 at decoding shapes on
-  this CPU and 2x at the ViT's, where torchao's weight-only layers ran slower than fp32 while decoding and its
-  int8 x int8 ones lost at 1-5 rows. torchao's CPU int4 stores int4 values unpacked in int8 bytes (no memory
-  gain) and runs slower than fp32, so int4 is CUDA-only.
+CPU (int8 only): a model loaded to run takes int8 x int8 layers (PyTorch's dynamic quantized linear, fbgemm,
+  with LLM.int8()'s outlier decomposition; model/int8_linear.py), 2.3-3.6x faster than fp32 at decoding shapes
+  on this CPU and 2x at the ViT's. A model built to train takes torchao's (symmetric int8 weights, one scale per
+  output row): ViT layers int8 x int8 (activations per row), LLM layers weight-only (dequantized inside an fp32
+  product), through which stage 2's gradients reach the Q-Former; torchao's weight-only layers ran slower than
+  fp32 while decoding and its int8 x int8 ones lost at 1-5 rows, hence the split. torchao's CPU int4 stores int4
+  values unpacked in int8 bytes (no memory gain) and runs slower than fp32, so int4 is CUDA-only.
 CUDA (bitsandbytes): int8 = LLM.int8() (`Linear8bitLt`, outlier threshold 6.0), int4 = NF4 with double
   quantization and bf16 compute (`Linear4bit`): what transformers' load_in_8bit / load_in_4bit build.
 
