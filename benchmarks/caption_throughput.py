@@ -186,6 +186,18 @@ def top1_agreement(ref, other, pixels: torch.Tensor, captions: list[torch.Tensor
     return same / max(total, 1)
 
 
+def fixed_s(model, pixels: torch.Tensor, bs: int) -> float:
+    """Seconds for a batch of `bs` images through `model`'s image encoder, Q-Former and prompt pass (which gives
+    token 1): the per-batch part of a floor."""
+    lm = model.llm.model
+    embeds = model.vision_embeds(pixels[:bs])
+    prefix = model.llm_prefix(embeds)
+    inputs, mask = model.llm.decoder_inputs(prefix, [""] * bs)
+    parts = (lambda: model.vision_embeds(pixels[:bs]), lambda: model.llm_prefix(embeds),
+             lambda: lm(inputs_embeds=inputs, attention_mask=mask, logits_to_keep=1))
+    return sum(min(clock(fn) for _ in range(2)) for fn in parts)
+
+
 def quantized_floor_s(quant, pixels: torch.Tensor, bs: int, beams: int, new_tokens: int) -> float:
     """Seconds for all images at the quantized model's floor, as `floor_s` for fp32: its image encoder, Q-Former
     and prompt pass per batch, then per decoding step its LLM's int8 layers (as they are, module call included)
@@ -195,12 +207,7 @@ def quantized_floor_s(quant, pixels: torch.Tensor, bs: int, beams: int, new_toke
     from blip2cli.model.int8_linear import Int8Linear
 
     lm = quant.llm.model
-    embeds = quant.vision_embeds(pixels[:bs])
-    prefix = quant.llm_prefix(embeds)
-    inputs, mask = quant.llm.decoder_inputs(prefix, [""] * bs)
-    parts = (lambda: quant.vision_embeds(pixels[:bs]), lambda: quant.llm_prefix(embeds),
-             lambda: lm(inputs_embeds=inputs, attention_mask=mask, logits_to_keep=1))
-    fixed = sum(min(clock(fn) for _ in range(2)) for fn in parts)
+    fixed = fixed_s(quant, pixels, bs)
     rows = bs * beams
     layers = [m for m in lm.modules() if isinstance(m, Int8Linear)]
     inputs_ = [torch.randn(rows, m.in_features) for m in layers]
@@ -330,17 +337,10 @@ def main() -> None:
     def batched(fn: Callable, bs: int, o: GenerationOptions) -> Callable[[], list]:
         return lambda: [fn(pixels[i : i + bs], o) for i in range(0, len(files), bs)]
 
-    lm = ours.llm.model
-
     def floor_s(bs: int, beams: int) -> float:
         """Seconds for all images at the floor: encoder, Q-Former and prompt pass per batch, then each decoding
         step's matrix products (the prompt pass gives token 1)."""
-        embeds = ours.vision_embeds(pixels[:bs])
-        prefix = ours.llm_prefix(embeds)
-        inputs, mask = ours.llm.decoder_inputs(prefix, [""] * bs)
-        parts = (lambda: ours.vision_embeds(pixels[:bs]), lambda: ours.llm_prefix(embeds),
-                 lambda: lm(inputs_embeds=inputs, attention_mask=mask, logits_to_keep=1))
-        fixed = sum(min(clock(fn) for _ in range(2)) for fn in parts)
+        fixed = fixed_s(ours, pixels, bs)
         steps = (args.max_new_tokens - 1) * linear_step_s(hf.language_model, bs * beams, reps=2)  # ours is packed
         return (fixed + steps) * (len(files) / bs)
 

@@ -19,6 +19,7 @@ from blip2cli.errors import UsageError
 from blip2cli.model import quantize as Q
 from blip2cli.model.load import load_model
 from tests import tiny
+from tests.quantized import assert_stage2_trains_exactly_the_trainable_parts, teacher_forced_logits
 
 runner = CliRunner()
 needs_torchao = pytest.mark.skipif(
@@ -32,10 +33,6 @@ def _kept(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and not Q.is_quantized_module(m)}
 
 
-def _teacher_forced_logits(model, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    prefix = model.llm_prefix(model.vision_embeds(pixels))
-    embeds, mask, _, _ = model.llm.decoder_loss_inputs(prefix, texts, "")
-    return model.llm.model(inputs_embeds=embeds, attention_mask=mask).logits  # (B, Q + T, V)
 
 
 @needs_torchao
@@ -72,7 +69,7 @@ def test_int8_logits_are_within_the_bound_of_fp32(tiny_opt_dir):
     int8 = load_model(str(tiny_opt_dir), "cpu", "float32", quantize="int8")
     px, texts = tiny.pixels(2), ["a dog running on the beach", "two cats on a pink blanket"]
     with torch.no_grad():
-        ref, got = _teacher_forced_logits(fp32, px, texts), _teacher_forced_logits(int8, px, texts)
+        ref, got = teacher_forced_logits(fp32, px, texts), teacher_forced_logits(int8, px, texts)
     error = (got - ref).abs().max() / ref.abs().max()
     assert 0 < error < LOGIT_BOUND, error  # quantized (not identical) and close
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean()
@@ -104,19 +101,7 @@ def test_caption_and_ask_cli_take_quantize(tiny_opt_dir, tmp_path):
 
 @needs_torchao
 def test_stage2_through_a_quantized_llm_trains_exactly_the_trainable_parts(tiny_opt_dir):
-    model = load_model(str(tiny_opt_dir), "cpu", "float32", quantize="int8")
-    model.train()
-    loss = model.stage2_loss(tiny.pixels(2), ["a dog running on the beach", "a train on the tracks"]).loss
-    loss.backward()
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and not any(n.startswith(("vision.tower.", "llm.model.")) for n in trainable)
-    assert {n.split(".")[0] for n in trainable} >= {"qformer", "query_tokens", "llm_proj", "ln_vision"}
-    for name, p in model.named_parameters():
-        if name in trainable:
-            assert p.grad is not None and p.grad.abs().sum() > 0, name  # through the int8 LLM to the Q-Former
-            assert p.dtype == torch.float32 and not hasattr(p, "__tensor_flatten__"), name
-        else:
-            assert p.grad is None, name
+    assert_stage2_trains_exactly_the_trainable_parts(load_model(str(tiny_opt_dir), "cpu", "float32", quantize="int8"))
 
 
 @needs_torchao

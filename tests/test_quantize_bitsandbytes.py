@@ -19,6 +19,7 @@ from blip2cli.model import quantize as Q
 from blip2cli.model.load import load_model
 from blip2cli.model.placement import placement
 from tests import tiny
+from tests.quantized import assert_stage2_trains_exactly_the_trainable_parts, teacher_forced_logits
 
 bnb = pytest.importorskip("bitsandbytes", reason='bitsandbytes is not installed (pip install "blip2cli[test]")')
 
@@ -41,10 +42,6 @@ def _load(directory, kind: str):
     return load_model(str(directory), "cpu", "float32", quantize=kind, backend="bitsandbytes")
 
 
-def _teacher_forced_logits(model, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    prefix = model.llm_prefix(model.vision_embeds(pixels))
-    embeds, mask, _, _ = model.llm.decoder_loss_inputs(prefix, texts, "")
-    return model.llm.model(inputs_embeds=embeds, attention_mask=mask).logits  # (B, Q + T, V)
 
 
 def _error(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -138,10 +135,10 @@ def test_logits_are_within_the_bounds_of_fp32(models):
     fp32 = load_model(str(models["opt"]), "cpu", "float32")
     nf4_model = _load(models["opt"], "int4")
     with torch.no_grad():
-        ref = _teacher_forced_logits(fp32, px, texts)
-        int8 = _teacher_forced_logits(_load(models["opt"], "int8"), px, texts)
+        ref = teacher_forced_logits(fp32, px, texts)
+        int8 = teacher_forced_logits(_load(models["opt"], "int8"), px, texts)
         rounded = _with_nf4_weights(fp32, nf4_model)  # fp32 compute, the weights as NF4 rounds them
-        nf4 = _teacher_forced_logits(nf4_model, px, texts)  # (after: a CPU forward repacks the ViT's weights)
+        nf4 = teacher_forced_logits(nf4_model, px, texts)  # (after: a CPU forward repacks the ViT's weights)
         assert 0 < _error(nf4, rounded) < NF4_KERNEL_BOUND  # bitsandbytes' CPU kernels multiply correctly
     assert 0 < _error(int8, ref) < INT8_BOUND
     assert (int8.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
@@ -156,7 +153,7 @@ def _with_nf4_weights(fp32, nf4_model):
         if name in layers:
             q = layers[name].weight
             module.weight.copy_(bnb.functional.dequantize_4bit(q.data, q.quant_state).float())
-    return _teacher_forced_logits(fp32, tiny.pixels(2), ["a dog running on the beach", "two cats on a pink blanket"])
+    return teacher_forced_logits(fp32, tiny.pixels(2), ["a dog running on the beach", "two cats on a pink blanket"])
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
@@ -164,18 +161,7 @@ def test_stage2_through_a_bitsandbytes_llm_trains_exactly_the_trainable_parts(ki
     """After a no-grad pass (a validation caption) too: bitsandbytes repacks CPU NF4 layers for inference then."""
     model = _load(models["opt"], kind)
     model.generate(tiny.pixels(1), [""], GenerationOptions(num_beams=1, max_new_tokens=2))
-    model.train()
-    loss = model.stage2_loss(tiny.pixels(2), ["a dog running on the beach", "a train on the tracks"]).loss
-    loss.backward()
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and not any(n.startswith(("vision.tower.", "llm.model.")) for n in trainable)
-    assert {n.split(".")[0] for n in trainable} >= {"qformer", "query_tokens", "llm_proj", "ln_vision"}
-    for name, p in model.named_parameters():
-        if name in trainable:
-            assert p.grad is not None and p.grad.abs().sum() > 0, name  # through the quantized LLM to the Q-Former
-            assert p.dtype == torch.float32, name
-        else:
-            assert p.grad is None, name
+    assert_stage2_trains_exactly_the_trainable_parts(model)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

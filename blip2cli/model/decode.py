@@ -14,8 +14,9 @@ only, skips as many generated tokens of a row as its prompt has left padding (it
 attention mask); with the paper's penalty of 1.0 nothing differs.
 
 Beam search keeps transformers' rules (v4.50+ vectorised beam search): the top 2K continuations by accumulated
-log-probability (found per beam first, then among the beams' best: the same set), finished hypotheses scored by sum log p / length ** length_penalty, the "early_stopping=False"
-heuristic for stopping, EOS and max-length as stopping criteria. Sampling and unusual generation configs go to
+log-probability (found per beam first, then among the beams' best: the same set), finished hypotheses scored by
+sum log p / length ** length_penalty, the "early_stopping=False" heuristic for stopping, EOS and max-length as
+stopping criteria. Sampling and unusual generation configs go to
 `generate` itself (see `supported`).
 """
 
