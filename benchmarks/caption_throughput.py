@@ -29,7 +29,8 @@ model/int8_linear.py) against ours fp32 and transformers fp32, alternating the t
 column), and beside each speed the fidelity against ours fp32: next-token top-1 agreement over teacher-forced
 caption tokens (each image's fp32 greedy caption fed to both models) and the share of identical captions. Its
 floor is the int8 model's: its image encoder, Q-Former and prompt pass, then per step its int8 layers and its
-fp32 LM head alone; `floor/hf` is the most any implementation with these precisions could gain over transformers'
+LM head alone (fp32 for beam search; for greedy the int8 product that screens the fp32 head's argmax,
+model/screened_head.py); `floor/hf` is the most any implementation with these precisions could gain over transformers'
 fp32 here.
 
     .venv/bin/python benchmarks/caption_throughput.py --quantize int8 --repeats 2
@@ -201,9 +202,12 @@ def fixed_s(model, pixels: torch.Tensor, bs: int) -> float:
 def quantized_floor_s(quant, pixels: torch.Tensor, bs: int, beams: int, new_tokens: int) -> float:
     """Seconds for all images at the quantized model's floor, as `floor_s` for fp32: its image encoder, Q-Former
     and prompt pass per batch, then per decoding step its LLM's int8 layers (as they are, module call included)
-    and its fp32 LM head (the faster of the stored and the oneDNN-packed layout) alone on that step's rows."""
+    and its LM head alone on that step's rows. Beam search needs every fp32 logit: the head in the fastest of the
+    stored, transposed and oneDNN-packed layouts. Greedy needs the argmax only, which an int8 screen of the head
+    finds (model/screened_head.py): the head's int8 product alone."""
     import torch.nn.functional as F
 
+    from blip2cli.model import int8_linear
     from blip2cli.model.int8_linear import Int8Linear
 
     lm = quant.llm.model
@@ -212,13 +216,17 @@ def quantized_floor_s(quant, pixels: torch.Tensor, bs: int, beams: int, new_toke
     layers = [m for m in lm.modules() if isinstance(m, Int8Linear)]
     inputs_ = [torch.randn(rows, m.in_features) for m in layers]
     int8_s = min(clock(lambda: [m(x) for m, x in zip(layers, inputs_)]) for _ in range(3))
-    head = lm.get_output_embeddings()
-    weight = head.weight.to_dense() if head.weight.is_mkldnn else head.weight
+    weight = lm.get_input_embeddings().weight.detach()  # OPT's tied head, fp32
     x = torch.randn(rows, weight.shape[1])
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
-    head_s = min(min(clock(lambda: F.linear(x, weight)) for _ in range(3)),
-                 min(clock(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
-                     for _ in range(3)))
+    if beams == 1:
+        head8 = int8_linear.from_weight(weight, None)
+        head_s = min(clock(lambda: head8(x)) for _ in range(3))
+    else:
+        layouts = (weight.contiguous(), weight.t().contiguous().t())
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 16)
+        head_s = min(min(clock(lambda: F.linear(x, w)) for _ in range(3) for w in layouts),
+                     min(clock(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+                         for _ in range(3)))
     return (fixed + (new_tokens - 1) * (int8_s + head_s)) * (len(pixels) / bs)
 
 

@@ -71,13 +71,33 @@ def test_beam_search_packs_and_keeps_generates_tokens(fixture, request):
     assert not any(type(m) is nn.Linear for m in layers)
 
 
-def test_one_row_greedy_keeps_the_stored_layout(tiny_opt_dir):
-    model = load_model(str(tiny_opt_dir), "cpu", "float32")
-    assert model.llm.pack_for_decoding
+@pytest.mark.parametrize("fixture", ["tiny_opt_dir", "tiny_t5_dir"])
+def test_one_row_transposes_only_the_head(fixture, request):
+    """Greedy at one row packs nothing; the LM head's weight (OPT: the shared embeddings) changes layout, not
+    value, the other linears keep theirs, the tokens are generate's, and a later beam search still packs."""
+    path = str(request.getfixturevalue(fixture))
+    model, plain = load_model(path, "cpu", "float32"), load_model(path, "cpu", "float32")
+    plain.llm.pack_for_decoding = False
+    lm = model.llm.model
+    head = lm.get_output_embeddings().weight
+    before = head.detach().clone()
+    prompts = ["a photo of"]
+    o = GenerationOptions(num_beams=1, max_new_tokens=9)
     with torch.inference_mode():
-        model.generate(tiny.pixels(1), ["a photo of"], GenerationOptions(num_beams=1, max_new_tokens=5))
+        prefix = model.llm_prefix(model.vision_embeds(tiny.pixels(1, seed=3)))
+        assert model.llm.generate_tokens(prefix, prompts, o).tolist() == _reference(plain, prefix, prompts, o).tolist()
     assert not model.llm.packed
-    assert not any(isinstance(m, packed.PackedLinear) for m in model.llm.model.modules())
+    assert lm.get_output_embeddings().weight is head and torch.equal(head, before)
+    assert head.stride() == (1, head.shape[0])  # (V, D) viewed from a contiguous (D, V)
+    assert not lm.config.tie_word_embeddings or lm.get_input_embeddings().weight is head
+    others = [m for m in lm.modules() if type(m) is nn.Linear and m.weight is not head]
+    assert others and all(m.weight.is_contiguous() for m in others)
+    assert not packed.transpose_head(lm)  # once
+    with torch.inference_mode():
+        model.llm.generate_tokens(prefix.repeat(2, 1, 1), prompts * 2, GenerationOptions(num_beams=2, max_new_tokens=4))
+    assert model.llm.packed
+    state = model.llm.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in plain.llm.model.state_dict().items())
 
 
 def test_tied_lm_head_leaves_the_embeddings(tiny_opt_dir):

@@ -7,7 +7,9 @@ the same inputs, with less work:
   generated positions, the prompt's being the same in all beams of an image (kv_cache.py), where `generate`
   concatenates and gathers the whole cache at every step;
 - greedy decoding drops finished rows from the batch instead of computing padding;
-- no autograd bookkeeping (inference mode), and no per-step logits-processor machinery.
+- no autograd bookkeeping (inference mode), and no per-step logits-processor machinery;
+- OPT's decoding steps skip transformers' per-call Python (opt_step.py: the same operations, the same logits);
+- an int8 model's greedy argmax over its fp32 head is screened in int8 (screened_head.py: the same tokens).
 
 The repetition penalty covers every generated token (and T5's start token). transformers 5, given inputs_embeds
 only, skips as many generated tokens of a row as its prompt has left padding (it reads that count from the
@@ -24,13 +26,16 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from blip2cli.config import GenerationOptions
+from blip2cli.model import opt_step
 from blip2cli.model.kv_cache import BufferedCache
+from blip2cli.model.screened_head import ScreenedHead
 
 NEG = -1.0e9  # transformers' "impossible" score
 
@@ -77,6 +82,10 @@ class Runner:
     def step(self, tokens: Tensor) -> None:
         raise NotImplementedError
 
+    def pick(self, transform: Callable[[Tensor], Tensor]) -> Tensor:
+        """Greedy's next tokens (rows,): the argmax of transform(logits)."""
+        return transform(self.logits).argmax(-1)
+
 
 def _accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
@@ -88,7 +97,7 @@ def _cache_arg(lm, cache) -> dict:
 
 
 class _DecoderOnly(Runner):
-    def __init__(self, lm, embeds: Tensor, mask: Tensor, new_tokens: int) -> None:
+    def __init__(self, lm, embeds: Tensor, mask: Tensor, new_tokens: int, head: ScreenedHead | None = None) -> None:
         self.lm, self.prompt_len = lm, 0
         self.mask = mask
         self.pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
@@ -97,12 +106,20 @@ class _DecoderOnly(Runner):
         self.cache_kw = _cache_arg(lm, self.cache)
         extra = {"logits_to_keep": 1} if _accepts(lm.forward, "logits_to_keep") else {}
         self._run(dict(inputs_embeds=embeds, **extra), self.pos)
+        self.lean = opt_step.stepper(lm)  # decoding steps without transformers' per-call Python (OPT)
+        self.head = head if self.lean is not None else None  # greedy with an int8 screen (screened_head.py)
+        self.hidden: Tensor | None = None  # the head's input, where the head runs in `pick`
 
     def _run(self, inputs: dict, pos: Tensor) -> None:
         if self.use_pos:
             inputs["position_ids"] = pos
         out = self.lm(**inputs, attention_mask=self.mask, **self.cache_kw, use_cache=True)
         self.logits = out.logits[:, -1].float()
+
+    def pick(self, transform: Callable[[Tensor], Tensor]) -> Tensor:
+        if self.hidden is None:  # the prompt pass: transformers' forward gave the logits
+            return super().pick(transform)
+        return self.head.pick(self.hidden, transform)
 
     def repeat(self, k: int) -> None:
         self.cache.batch_repeat_interleave(k)
@@ -114,12 +131,21 @@ class _DecoderOnly(Runner):
 
     def select(self, rows: Tensor) -> None:
         self.cache.batch_select_indices(rows)
-        self.mask, self.pos, self.logits = self.mask[rows], self.pos[rows], self.logits[rows]
+        self.mask, self.pos = self.mask[rows], self.pos[rows]
+        if self.hidden is not None:
+            self.hidden = self.hidden[rows]
+        else:
+            self.logits = self.logits[rows]
 
     def step(self, tokens: Tensor) -> None:
         self.mask = torch.cat((self.mask, self.mask.new_ones(self.mask.shape[0], 1)), dim=1)
         self.pos = self.pos[:, -1:] + 1
-        self._run(dict(input_ids=tokens[:, None]), self.pos)
+        if self.head is not None:
+            self.hidden, self.logits = self.lean.hidden(tokens, self.pos, self.mask, self.cache), None
+        elif self.lean is not None:
+            self.logits = self.lean(tokens, self.pos, self.mask, self.cache).float()
+        else:
+            self._run(dict(input_ids=tokens[:, None]), self.pos)
 
 
 class _EncoderDecoder(Runner):
@@ -157,9 +183,12 @@ class _EncoderDecoder(Runner):
         self.logits = out.logits[:, -1].float()
 
 
-def runner(lm, embeds: Tensor, mask: Tensor, new_tokens: int) -> Runner:
-    """The prompt run; the cache holds `new_tokens` more positions without reallocating."""
-    return (_EncoderDecoder if lm.config.is_encoder_decoder else _DecoderOnly)(lm, embeds, mask, new_tokens)
+def runner(lm, embeds: Tensor, mask: Tensor, new_tokens: int, head: ScreenedHead | None = None) -> Runner:
+    """The prompt run; the cache holds `new_tokens` more positions without reallocating. `head`: greedy's
+    screened argmax (decoder-only models that take opt_step's lean step)."""
+    if lm.config.is_encoder_decoder:
+        return _EncoderDecoder(lm, embeds, mask, new_tokens)
+    return _DecoderOnly(lm, embeds, mask, new_tokens, head)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,8 +226,7 @@ def greedy(run: Runner, o: GenerationOptions, eos: Tensor, fill: int) -> Tensor:
         history = torch.full((rows, 1), run.start, dtype=torch.long, device=device)
     length = 0
     for step in range(o.max_new_tokens):
-        scores = block_eos(penalise(run.logits, history, o.repetition_penalty), eos, step, o.min_new_tokens)
-        tokens = scores.argmax(-1)
+        tokens = run.pick(lambda s: block_eos(penalise(s, history, o.repetition_penalty), eos, step, o.min_new_tokens))
         out[active, step] = tokens
         history = torch.cat((history, tokens[:, None]), dim=1)
         length = step + 1
@@ -379,11 +407,13 @@ def _can_improve(b: _Beams, length: int, max_len: int, lp: float, early_stopping
     return (best > worst).any(dim=-1, keepdim=True)
 
 
-def decode(lm, embeds: Tensor, mask: Tensor, o: GenerationOptions, eos_ids: list[int], pad_id: int | None) -> Tensor:
-    """Token ids (rows * num_return_sequences, L), laid out as transformers' generate returns them."""
+def decode(lm, embeds: Tensor, mask: Tensor, o: GenerationOptions, eos_ids: list[int], pad_id: int | None,
+           head: ScreenedHead | None = None) -> Tensor:
+    """Token ids (rows * num_return_sequences, L), laid out as transformers' generate returns them. `head`: an
+    int8 screen of the fp32 LM head for greedy's argmax (the same tokens; screened_head.py)."""
     eos = torch.tensor(eos_ids, device=embeds.device)
     with torch.inference_mode():
-        run = runner(lm, embeds, mask, o.max_new_tokens)
+        run = runner(lm, embeds, mask, o.max_new_tokens, head if o.num_beams == 1 else None)
         if o.num_beams == 1:  # generate pads finished rows with the pad id
             return greedy(run, o, eos, eos_ids[0] if pad_id is None else pad_id)
         # beam search fills with `pad or eos` (so a pad id of 0, as T5's, falls back to EOS)

@@ -80,6 +80,7 @@ class Int8Linear(nn.Module):
         with _engine("fbgemm"):  # not "x86": on VNNI CPUs it packs for oneDNN and keeps a second copy for unpacking
             self._packed = torch.ops.quantized.linear_prepack(weight, None)
         self._columns: dict[int, Tensor] = {}  # outlier feature -> W[:, feature] in fp32
+        self._l1: Tensor | None = None  # ||q_i||_1 per output row, for `bounded`
 
     @property
     def weight(self) -> Tensor:
@@ -109,6 +110,36 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y += self.bias
         return y.to(dtype)
+
+    def bounded(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """y as `forward` computes it (inference), and for each element a bound on |y - x W0^T - b|, W0 being the
+        fp32 weight this layer was quantized from (model/screened_head.py screens an argmax with it).
+
+        The error has two parts. W's values are rounded to the nearest multiple of their row's scale s_i, off by at
+        most s_i / 2 each: at most s_i / 2 * ||x||_1 in all. The input's values, the outlier features aside (they
+        meet dequantized columns in fp32), are quantized over the tensor's range with one step s_x = range / 255
+        (127 with 7 bits); with the zero point rounded to an integer, a value is off by at most one step, and it
+        meets W's int8 values: at most s_i * s_x * ||q_i||_1. The int32 sums are exact; fp32 rounding in the
+        product, its rescaling and the fp32 reference's own sums stays below 2% of the first part (768 features x
+        2^-24 relative, times |w| <= 127 s_i), and 1e-5 of |y| covers the additions after."""
+        flat = x.reshape(-1, self.in_features).to(torch.float32)
+        y = self.forward(flat)
+        outliers = flat.abs().amax(dim=0) > THRESHOLD
+        rest = flat.masked_fill(outliers, 0.0) if bool(outliers.any()) else flat
+        low, high = torch.aminmax(rest)
+        step = (max(float(high), 0.0) - min(float(low), 0.0)) / (127 if REDUCE_RANGE else 255)
+        input_part = 0.52 * flat.abs().sum(dim=1, keepdim=True)  # (rows, 1)
+        weight_part = 1.01 * step * (self._row_l1() + 8.0)  # (out,): the 8 steps cover the rescaling's rounding
+        bound = self.scale * (input_part + weight_part) + 1e-5 * (y.abs() + 1.0)
+        shape = (*x.shape[:-1], self.out_features)
+        return y.reshape(shape), bound.reshape(shape)
+
+    def _row_l1(self) -> Tensor:
+        """||q_i||_1 for each output row (fp32), computed once."""
+        if self._l1 is None:
+            weight = torch.ops.quantized.linear_unpack(self._packed)[0]
+            self._l1 = weight.int_repr().abs().sum(dim=1, dtype=torch.int32).to(torch.float32)
+        return self._l1
 
     def dequantized(self) -> Tensor:
         """W in fp32 (out, in), unpacked for this call only."""

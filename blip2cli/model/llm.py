@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from blip2cli.config import GenerationOptions
-from blip2cli.model import decode, packed
+from blip2cli.model import decode, int8_linear, opt_step, packed, screened_head
+from blip2cli.model.screened_head import ScreenedHead
 
 
 class FrozenLLM(nn.Module):
@@ -30,6 +31,7 @@ class FrozenLLM(nn.Module):
         # (model/packed.py); a model that trains never does: packed layers have no backward
         self.pack_for_decoding = False
         self.packed = False
+        self.screen: ScreenedHead | bool | None = None  # _screened_head: built once (False: not for this model)
         if tokenizer.pad_token_id is None:  # Llama-style tokenizers ship without a pad token
             tokenizer.pad_token = tokenizer.eos_token
         self.requires_grad_(False)
@@ -104,16 +106,35 @@ class FrozenLLM(nn.Module):
             embeds, mask = self.encoder_inputs(prefix, prompts, truncate=False)
         else:
             embeds, mask = self.decoder_inputs(prefix, prompts)
-        self._pack(prefix.shape[0] * max(options.num_beams, options.num_return_sequences))
-        if decode.supported(self.model, options):  # our loop: same tokens, less work (see decode.py)
-            return decode.decode(self.model, embeds, mask, options, self.eos_token_ids(), self.tokenizer.pad_token_id)
+        ours = decode.supported(self.model, options)  # our loop: same tokens, less work (see decode.py)
+        head = self._screened_head() if ours and options.num_beams == 1 else None
+        if head is None:  # a screened greedy decode multiplies by no fp32 weight that packing would speed up
+            self._lay_out(prefix.shape[0] * max(options.num_beams, options.num_return_sequences))
+        if ours:
+            return decode.decode(self.model, embeds, mask, options, self.eos_token_ids(), self.tokenizer.pad_token_id,
+                                 head)
         return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **self._generate_kwargs(options))
 
-    def _pack(self, rows: int) -> None:
-        """Pack the linear layers once, at the first decode of at least two rows (model/packed.py)."""
-        if self.pack_for_decoding and not self.packed and rows >= 2 and packed.available(self.device):
+    def _lay_out(self, rows: int) -> None:
+        """Pack the linear layers once, at the first decode of at least two rows; at one row, lay out only the LM
+        head for it (model/packed.py)."""
+        if not self.pack_for_decoding or self.packed or not packed.available(self.device):
+            return
+        if rows >= 2:
             packed.pack_linears(self.model)
             self.packed = True
+        elif not self._screened_head():  # the screen reads candidate rows of the head: they stay contiguous
+            packed.transpose_head(self.model)
+
+    def _screened_head(self) -> ScreenedHead | None:
+        """An int8 model's greedy argmax over its fp32 LM head, screened in int8 (model/screened_head.py): built at
+        the first greedy decode of a model loaded to run whose LLM has CPU int8 layers (int8_linear.py) and takes
+        opt_step's lean decoding step, which hands over the head's input."""
+        if self.screen is None:
+            int8 = self.pack_for_decoding and any(isinstance(m, int8_linear.Int8Linear) for m in self.model.modules())
+            lean = int8 and opt_step.stepper(self.model) is not None
+            self.screen = (lean and screened_head.for_lm(self.model)) or False
+        return self.screen or None
 
     def generate(self, prefix: Tensor, prompts: Sequence[str], options: GenerationOptions) -> list[list[str]]:
         """Captions or answers: `options.num_return_sequences` texts per prefix row, prompt not included."""
