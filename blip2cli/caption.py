@@ -21,7 +21,7 @@ import torch
 from blip2cli.config import GenerationOptions
 from blip2cli.data import images
 from blip2cli.data.prefetch import prefetch
-from blip2cli.data.transforms import eval_pixels
+from blip2cli.data.transforms import eval_pixel
 from blip2cli.decoding import Decoding, caption_defaults
 from blip2cli.errors import InputError, UsageError
 from blip2cli.jsonl import ResumeLog
@@ -57,7 +57,7 @@ def run_jobs(
 def image_pixels(path: str | Path, size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
     """Normalised pixels (3, S, S), or the one-line reason the file (or "-", or URL) cannot be used."""
     try:
-        return eval_pixels([images.load_source(path)], size, mean, std)[0]
+        return eval_pixel(images.load_source(path), size, mean, std)
     except InputError as exc:
         return str(exc)
 

@@ -72,8 +72,12 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+TRAINING = {"pretrain", "finetune"}  # their data-loading workers need the cores: idle OpenMP threads sleep (threads.py)
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
@@ -86,7 +90,7 @@ def _root(
     """BLIP-2 from the terminal."""
     from blip2cli import threads as cpu_threads
 
-    cpu_threads.configure(threads)
+    cpu_threads.configure(threads, passive=ctx.invoked_subcommand in TRAINING)
 
 
 @command(app)

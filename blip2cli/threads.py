@@ -5,10 +5,13 @@ left alone); otherwise the physical cores this process may run on (its CPU affin
 among the processes of one machine under torchrun / accelerate launch. Hyper-threads are not counted: two threads
 on one core's siblings contend for the same arithmetic units.
 
-OMP_WAIT_POLICY defaults to PASSIVE (idle OpenMP threads sleep instead of spinning) unless it is set: on a 2-core
-machine busy with other jobs, two spinning threads made tiny pretraining 7x slower than one thread, and passive
-ones about as fast as one (the README gives the measurements). Large models lose nothing by it: their parallel
-regions are long next to a thread's wake-up.
+Training (`passive`) sets OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of spinning) unless it is
+set: on a 2-core machine busy with other jobs, two spinning threads made tiny pretraining 7x slower than one
+thread, and passive ones about as fast as one (the README gives the measurements); its data-loading workers need
+the cores that spinning threads hold. Inference keeps OpenMP's default (a short spin, then sleep): a decoding step
+is hundreds of short parallel regions with a few microseconds of Python between them, and a sleeping thread's
+wake-up costs more than many of them. Beam-5 captions of 8 images ran 1.2-2.3x slower with passive threads
+(benchmark model, 2 cores), `blip2 caption` of 16 images end to end 1.1-1.2x.
 """
 
 from __future__ import annotations
@@ -59,11 +62,12 @@ def choose(requested: int | None, environ: MutableMapping[str, str] = os.environ
     return max(1, physical_cores() // max(1, local)), "physical cores"
 
 
-def configure(requested: int | None = None, environ: MutableMapping[str, str] = os.environ) -> int | None:
+def configure(requested: int | None = None, environ: MutableMapping[str, str] = os.environ,
+              passive: bool = False) -> int | None:
     """Apply `choose`: OMP_NUM_THREADS for torch (read when it loads) and for child processes, and
-    `torch.set_num_threads` when torch is already loaded; OMP_WAIT_POLICY=PASSIVE unless set. Returns the count
-    set, or None when left to OMP_NUM_THREADS."""
-    if "torch" not in sys.modules:  # read once, when OpenMP starts with torch
+    `torch.set_num_threads` when torch is already loaded; with `passive` (training), OMP_WAIT_POLICY=PASSIVE
+    unless set. Returns the count set, or None when left to OMP_NUM_THREADS."""
+    if passive and "torch" not in sys.modules:  # read once, when OpenMP starts with torch
         environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     threads, _ = choose(requested, environ)
     if threads is None:

@@ -105,7 +105,7 @@ def test_unset_early_stopping_runs_our_loop(fixture, request):
 
 def test_beams_continue_in_their_parents_rows():
     """A beam's first child stays in its parent's cache row; later children take the rows of beams that left no
-    child, and only those rows are copied. Logits come back, and tokens go, in rank order."""
+    child, and only those rows are copied. Per-row values come back in rank order, and tokens go in row order."""
     import torch
 
     slots = decode._Slots(2, 5, "cpu")
@@ -113,7 +113,10 @@ def test_beams_continue_in_their_parents_rows():
     rows = slots.follow(parents)
     assert rows.tolist() == [0, 1, 0, 3, 3] + [5, 6, 7, 8, 9]  # rows 2 and 4 copy rows 0 and 3; item 1 copies none
     assert slots.slot.tolist() == [[0, 2, 1, 3, 4], [4, 3, 2, 1, 0]]
-    logits = torch.arange(10.0)[:, None]  # row r's logits = r
-    assert slots.logical(logits).squeeze(1).tolist() == [0, 2, 1, 3, 4, 9, 8, 7, 6, 5]
+    per_row = torch.arange(10.0).view(2, 5, 1)  # row r's values = r
+    assert slots.ranked(per_row).flatten().tolist() == [0, 2, 1, 3, 4, 9, 8, 7, 6, 5]
     tokens = torch.tensor([[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]])  # by rank
     assert slots.physical(tokens).tolist() == [10, 12, 11, 13, 14, 24, 23, 22, 21, 20]  # by row
+    histories = torch.stack((tokens, tokens + 100), dim=2)  # (items, K, steps), by rank
+    assert slots.physical(histories).tolist() == [[t, t + 100] for t in slots.physical(tokens).tolist()]
+    assert slots.physical(histories[:, :, :0]).shape == (10, 0)  # the first step: no history yet

@@ -58,6 +58,10 @@ def test_reorder_moves_only_generated_positions():
     parents = torch.tensor([2, 2, 0, 3, 5, 4])
     cache.reorder_beams(parents)
     assert torch.equal(cache.layers[0].keys[:, :, :P], prompt)  # shared by the beams: left in place
+    assert torch.equal(cache.layers[0].keys[:, :, P], generated[parents])  # rows that swap: read before written
+    generated = cache.layers[0].keys[:, :, P].clone()
+    parents = torch.tensor([0, 0, 2, 3, 3, 5])  # as decode places beams: no row written is read
+    cache.reorder_beams(parents)
     assert torch.equal(cache.layers[0].keys[:, :, P], generated[parents])
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
 
-from blip2cli.model import opt_step
+from blip2cli.model import opt_step, packed
 from blip2cli.model.decode import _cache_arg
 from blip2cli.model.kv_cache import BufferedCache
 
@@ -32,9 +32,15 @@ def _prompt(lm, mask: torch.Tensor, new: int) -> tuple[BufferedCache, torch.Tens
 
 @pytest.mark.parametrize("kw", [{}, dict(do_layer_norm_before=False, proj=16)], ids=["pre-norm", "post-norm"])
 @pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("pack", [False, True], ids=["stored", "packed"])
 @torch.no_grad()
-def test_same_logits_as_transformers(kw, padded):
+def test_same_logits_as_transformers(kw, padded, pack):
+    """Packed (model/packed.py), the step fuses fc1's ReLU into the product; transformers' forward applies it apart."""
     lm = _opt(**kw)
+    if pack:
+        if not packed.available(torch.device("cpu")):
+            pytest.skip("this torch has no oneDNN packing")
+        assert packed.pack_linears(lm) > 0
     step = opt_step.stepper(lm)
     assert step is not None
     mask = torch.ones(3, 6, dtype=torch.long)

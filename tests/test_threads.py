@@ -80,11 +80,14 @@ def test_the_cli_sets_torchs_threads():
     assert _cpu_threads("--threads", "1", OMP_NUM_THREADS="2") == 1  # the flag wins, before torch loads
 
 
-def test_idle_threads_sleep_unless_told_otherwise(monkeypatch):
+def test_idle_threads_sleep_while_training_unless_told_otherwise(monkeypatch):
     monkeypatch.delitem(sys.modules, "torch", raising=False)
     environ: dict[str, str] = {"OMP_NUM_THREADS": "2"}
-    threads.configure(None, environ)
+    threads.configure(None, environ, passive=True)
     assert environ == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
     active = {"OMP_WAIT_POLICY": "ACTIVE"}
-    threads.configure(1, active)
+    threads.configure(1, active, passive=True)
     assert active == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"}
+    inference = {"OMP_NUM_THREADS": "2"}  # decoding: OpenMP's own short spin between its many small regions
+    threads.configure(None, inference)
+    assert inference == {"OMP_NUM_THREADS": "2"}

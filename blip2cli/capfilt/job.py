@@ -26,7 +26,7 @@ from blip2cli.capfilt.scorers import Scorer
 from blip2cli.capfilt.sources import Group, Item
 from blip2cli.config import GenerationOptions
 from blip2cli.data.images import load_image, load_image_bytes
-from blip2cli.data.transforms import clean_caption, eval_pixels
+from blip2cli.data.transforms import clean_caption, eval_pixel
 from blip2cli.errors import InputError, UsageError
 from blip2cli.data.prefetch import prefetch
 from blip2cli.model.blip2 import Blip2
@@ -218,7 +218,7 @@ def _pixels(item: Item, captioner: Blip2, scorer: Scorer) -> Pixels | str:
         return f"cannot read: {exc.strerror or exc}"
     c = captioner.cfg
     spec = ("blip2", c.vision.image_size, tuple(c.image_mean), tuple(c.image_std))
-    px = eval_pixels([image], spec[1], spec[2], spec[3])[0]
+    px = eval_pixel(image, spec[1], spec[2], spec[3])
     return Pixels(px, px if scorer.key == spec else scorer.prepare(image))
 
 

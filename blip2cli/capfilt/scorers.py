@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from blip2cli.data.transforms import clean_caption, eval_pixels
+from blip2cli.data.transforms import clean_caption, eval_pixel
 from blip2cli.errors import UsageError
 from blip2cli.model.blip2 import Blip2
 from blip2cli.model.capabilities import require
@@ -45,7 +45,7 @@ class Blip2Scorer:
         self.key = ("blip2", model.cfg.vision.image_size, tuple(model.cfg.image_mean), tuple(model.cfg.image_std))
 
     def prepare(self, image: Image.Image) -> Tensor:
-        return eval_pixels([image], self.key[1], self.key[2], self.key[3])[0]
+        return eval_pixel(image, self.key[1], self.key[2], self.key[3])
 
     def images(self, pixels: Tensor) -> ImageBatch:
         embeds = self.model.vision_embeds(pixels)  # (B, N, Dv): one pass per image, shared by all its texts

@@ -203,9 +203,10 @@ def penalise(scores: Tensor, history: Tensor, penalty: float) -> Tensor:
     return scores.scatter(1, history, torch.where(seen < 0, seen * penalty, seen / penalty))
 
 
-def block_eos(scores: Tensor, eos: Tensor, step: int, min_new: int) -> Tensor:
+def block_eos(scores: Tensor, eos: Tensor, step: int, min_new: int, in_place: bool = False) -> Tensor:
+    """EOS impossible before `min_new` new tokens; `in_place` where `scores` are the caller's own to change."""
     if step < min_new:
-        scores = scores.clone()
+        scores = scores if in_place else scores.clone()
         scores[:, eos] = float("-inf")
     return scores
 
@@ -290,12 +291,14 @@ def beam_search(run: Runner, o: GenerationOptions, eos: Tensor, fill: int, early
     b = _Beams.start(rows, K, T, fill, run.logits.device)
     slots = _Slots(rows, K, run.logits.device)
     for step in range(T):
-        history = b.running[:, :, :step].reshape(rows * K, step)
+        # log-probabilities in the cache's row order (a row's beam is `slots`' business), ranked after each row's
+        # top R: the same numbers as in rank order, without moving the (rows, V) logits
+        history = slots.physical(b.running[:, :, :step])
         if run.prompt_len:
             history = torch.cat((history.new_full((rows * K, 1), run.start), history), dim=1)
-        logp = F.log_softmax(slots.logical(run.logits), dim=-1)
-        logp = block_eos(penalise(logp, history, o.repetition_penalty), eos, step, o.min_new_tokens)
-        top_scores, parent, token = _top_candidates(logp, b.running_scores, R)
+        logp = F.log_softmax(run.logits, dim=-1)
+        logp = block_eos(penalise(logp, history, o.repetition_penalty), eos, step, o.min_new_tokens, in_place=True)
+        top_scores, parent, token = _top_candidates(logp, b.running_scores, R, slots)
         candidates = _gather(b.running, parent)
         candidates[:, :, step] = token
         hits = torch.isin(token, eos) | (step + 1 >= T)  # EOS, or the length limit
@@ -321,28 +324,29 @@ class _Slots:
     j-th best), as transformers keeps them, but they need not sit in rank order in the cache: a beam continues in
     its parent's row, and only a parent's second and later children take a copy of its cache, into the rows of
     beams that left no child. Most beams continue one beam of the step before, so few rows are copied, where
-    keeping the rows in rank order moves nearly all of them each step. The logits come back in rank order
-    (`logical`), the tokens go in row order (`physical`): the same numbers in the same order, the same tokens."""
+    keeping the rows in rank order moves nearly all of them each step. Per-row results come back in rank order
+    (`ranked`), the tokens go in row order (`physical`): the same numbers in the same order, the same tokens."""
 
     def __init__(self, items: int, K: int, device) -> None:
         self.K = K
         self.slot = torch.arange(K, device=device).repeat(items, 1)  # (items, K): row within the item of beam j
         self.identity = True
 
-    def logical(self, logits: Tensor) -> Tensor:
-        """(items * K, V) in row order -> in rank order."""
+    def ranked(self, x: Tensor) -> Tensor:
+        """(items, K, ...) with a cache row's values at its row -> with beam j's values at j."""
         if self.identity:
-            return logits
-        return logits[self._rows()]
+            return x
+        return torch.take_along_dim(x, self._spread(x), dim=1)
 
-    def physical(self, tokens: Tensor) -> Tensor:
-        """(items, K) in rank order -> (items * K,) in row order."""
-        if self.identity:
-            return tokens.reshape(-1)
-        return torch.empty_like(tokens).scatter_(1, self.slot, tokens).reshape(-1)
+    def physical(self, x: Tensor) -> Tensor:
+        """(items, K, ...) in rank order -> (items * K, ...) in row order."""
+        if not self.identity:
+            x = torch.empty_like(x).scatter_(1, self._spread(x), x)
+        return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
-    def _rows(self) -> Tensor:
-        return (self.slot + torch.arange(len(self.slot), device=self.slot.device)[:, None] * self.K).reshape(-1)
+    def _spread(self, x: Tensor) -> Tensor:
+        slot = self.slot.view(*self.slot.shape, *[1] * (x.dim() - 2))
+        return slot.expand(x.shape)
 
     def follow(self, parents: Tensor) -> Tensor:
         """New beams (items, K) whose parents are the given ranks: place each, and return for each cache row the
@@ -368,19 +372,21 @@ class _Slots:
         return torch.tensor(rows, device=self.slot.device)
 
 
-def _top_candidates(logp: Tensor, running_scores: Tensor, R: int) -> tuple[Tensor, Tensor, Tensor]:
+def _top_candidates(logp: Tensor, running_scores: Tensor, R: int, slots: _Slots) -> tuple[Tensor, Tensor, Tensor]:
     """The R best (beam, token) continuations of each item by accumulated score: (B, R) scores, parent beams and
-    tokens, best first, as one topk over the item's K x V scores gives them. Done in two stages, each beam's own
-    top R and then the top R of those K x R, which holds the item's top R (one beam contributes at most R of them):
-    the same candidates as topk over K x V (ties aside, whose order topk leaves open either way), in half the
-    time at batch 8 x 5 beams, V = 50k (16 -> 8 ms a step on 2 cores): one long row per item runs on one thread,
-    K rows of V in parallel, and the second stage is tiny."""
+    tokens, best first, as one topk over the item's K x V scores gives them; `logp` rows in cache order (`slots`).
+    Done in two stages, each beam's own top R and then the top R of those K x R, which holds the item's top R (one
+    beam contributes at most R of them): the same candidates as topk over K x V (ties aside, whose order topk
+    leaves open either way), in half the time at batch 8 x 5 beams, V = 50k (16 -> 8 ms a step on 2 cores): one
+    long row per item runs on one thread, K rows of V in parallel, and the second stage is tiny."""
     B, K = running_scores.shape
     V = logp.shape[-1]
     if R > V:  # a vocabulary smaller than the candidates kept: one stage
-        top_scores, top_idx = (logp.view(B, K, V) + running_scores[:, :, None]).view(B, K * V).topk(R, dim=1)
+        total = slots.ranked(logp.view(B, K, V)) + running_scores[:, :, None]
+        top_scores, top_idx = total.view(B, K * V).topk(R, dim=1)
         return top_scores, top_idx // V, top_idx % V
-    beam_scores, beam_tokens = logp.view(B, K, V).topk(R, dim=2)  # (B, K, R), per beam: adding its score keeps order
+    beam_scores, beam_tokens = logp.view(B, K, V).topk(R, dim=2)  # (B, K, R), per row: adding its score keeps order
+    beam_scores, beam_tokens = slots.ranked(beam_scores), slots.ranked(beam_tokens)
     total = (beam_scores + running_scores[:, :, None]).view(B, K * R)
     top_scores, top_idx = total.topk(R, dim=1)
     return top_scores, top_idx // R, beam_tokens.view(B, K * R).gather(1, top_idx)

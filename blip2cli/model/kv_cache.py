@@ -29,12 +29,18 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 def _copy_rows(tail: Tensor, dim: int, beam_idx: Tensor) -> None:
     """Row i of `tail` (along `dim`) takes row beam_idx[i]; only the rows whose parent is another row are written
     (decode.py places beams so that most continue in their own row). Row by row: a slice copy per row runs at
-    memory speed where one gather and index_put over a strided view ran 2-3x slower; sources are read first."""
-    moved = (beam_idx != torch.arange(len(beam_idx), device=beam_idx.device)).nonzero().squeeze(1).tolist()
-    if not moved:
+    memory speed where one gather and index_put over a strided view ran 2-3x slower. decode.py's placement never
+    writes a row that another one reads (a parent's row keeps its first child), so the rows copy straight across;
+    where a row is both, the sources are read first."""
+    targets = (beam_idx != torch.arange(len(beam_idx), device=beam_idx.device)).nonzero().squeeze(1).tolist()
+    if not targets:
         return
-    sources = [tail.select(dim, int(beam_idx[i])).clone() for i in moved]
-    for i, rows in zip(moved, sources):
+    sources = beam_idx[targets].tolist()
+    if set(sources) & set(targets):
+        reads = [tail.select(dim, i).clone() for i in sources]
+    else:
+        reads = [tail.select(dim, i) for i in sources]
+    for i, rows in zip(targets, reads):
         tail.select(dim, i).copy_(rows)
 
 
@@ -131,8 +137,12 @@ class BufferedCache(DynamicCache):
         shapes = {(layer._keys.shape, layer._values.shape, layer.length) for layer in layers}
         if len(shapes) > 1 or layers[0]._keys.shape != layers[0]._values.shape:
             return super().batch_repeat_interleave(repeats)
-        self.merged = torch.stack([torch.stack((layer._keys, layer._values)) for layer in layers])
-        self.merged = self.merged.repeat_interleave(repeats, dim=2)
+        rows, heads, capacity, dim = layers[0]._keys.shape
+        filled = layers[0].length
+        self.merged = layers[0]._keys.new_empty(len(layers), 2, rows * repeats, heads, capacity, dim)
+        for layer, buffers in zip(layers, self.merged):  # the filled positions only, each row into its beams' rows
+            for source, target in zip((layer._keys, layer._values), buffers):
+                target[:, :, :filled].unflatten(0, (rows, repeats)).copy_(source[:, None, :, :filled])
         for layer, buffers in zip(layers, self.merged):
             layer._take(buffers[0], buffers[1])
             layer.shared = layer.length

@@ -61,6 +61,10 @@ class PackedLinear(nn.Module):
             return F.linear(x, self.weight.to_dense(), self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
+    def relu(self, x: Tensor) -> Tensor:
+        """relu(forward(x)) with oneDNN's ReLU post-op: the same numbers (inference only)."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "relu", [], "")
+
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         """As nn.Linear's: `weight` in the stored layout and `bias` (export_hf after a beam search)."""
         destination[prefix + "weight"] = self.weight.to_dense()

@@ -77,10 +77,10 @@ class ModelEncoder:
         self.batch_size = batch_size
 
     def prepare(self, image: Any) -> Any:
-        from blip2cli.data.transforms import eval_pixels
+        from blip2cli.data.transforms import eval_pixel
 
         cfg = self.model.cfg
-        return eval_pixels([image], cfg.vision.image_size, cfg.image_mean, cfg.image_std)[0]  # (3, S, S)
+        return eval_pixel(image, cfg.vision.image_size, cfg.image_mean, cfg.image_std)  # (3, S, S)
 
     def embed(self, prepared: list[Any]) -> np.ndarray:
         import torch

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from blip2cli.config import DataSource, Recipe
 from blip2cli.data.datasets import ImageTextDataset, build_dataset
-from blip2cli.data.transforms import TrainTransform, eval_pixels, split_prefix
+from blip2cli.data.transforms import TrainTransform, eval_pixel, split_prefix
 from blip2cli.errors import UsageError
 from blip2cli.train.feature_cache import FeatureCache
 
@@ -131,7 +131,7 @@ class EvalTransform:
         self.size, self.mean, self.std = size, mean, std
 
     def __call__(self, image: Image.Image) -> Tensor:
-        return eval_pixels([image], self.size, self.mean, self.std)[0]
+        return eval_pixel(image, self.size, self.mean, self.std)
 
 
 def image_transform(recipe: Recipe, train: bool = True) -> Callable[[Image.Image], Tensor]:
